@@ -1,0 +1,229 @@
+"""Convert Hugging Face checkpoints to FlatLM's native format and back.
+
+    python convert_hf.py HF_DIR OUT_DIR [--dtype bfloat16]
+    python convert_hf.py --to-hf NATIVE_DIR HF_OUT_DIR [--dtype ...]
+
+Tensors stream one at a time from the memory-mapped input into output shards no larger than the largest input
+file, so peak memory stays near one shard however large the model. Everything is written into a temporary
+directory that is renamed to OUT_DIR only when complete.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import models
+
+# Tokenizer and generation files travel with the weights unchanged.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading: (name, tensor) pairs from safetensors (single or sharded) or pytorch_model*.bin, one at a time.
+
+
+def input_files(d: Path) -> list[Path]:
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = d / index_name
+        if index.is_file():
+            files = [d / f for f in dict.fromkeys(sorted(json.loads(index.read_text())["weight_map"].values()))]
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f} is listed in {index} but missing")
+            return files
+        if (d / single).is_file():
+            return [d / single]
+    raise FileNotFoundError(f"no weights in {d}: looked for model.safetensors[.index.json] and "
+                            f"pytorch_model.bin[.index.json]")
+
+
+def read_tensors(files: list[Path]):
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                f = safe_open(path, framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{path} is truncated or not a safetensors file ({e})") from None
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+        else:   # a pickle: weights_only refuses anything but tensors; mmap avoids reading it all at once
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ValueError(f"{path} is truncated or not a PyTorch checkpoint ({e})") from None
+            for name in list(state):
+                yield name, state.pop(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: shards of at most max_bytes, then a rename of the whole directory.
+
+
+class ShardWriter:
+    def __init__(self, out_dir: Path, max_bytes: int, expected: dict[str, torch.Size]):
+        self.out_dir, self.max_bytes, self.expected = out_dir, max_bytes, expected
+        self.buffer, self.buffered, self.shards, self.weight_map = {}, 0, [], {}
+
+    def add(self, name: str, tensor: torch.Tensor):
+        if name not in self.expected:
+            raise ValueError(f"unexpected weight {name!r}")
+        if tensor.shape != self.expected[name]:
+            raise ValueError(f"shape mismatch for {name}: the checkpoint has {tuple(tensor.shape)}, "
+                             f"config.json implies {tuple(self.expected[name])}")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffered + nbytes > self.max_bytes:
+            self.flush()
+        self.buffer[name] = tensor.contiguous()
+        self.buffered += nbytes
+
+    def flush(self):
+        name = f"shard-{len(self.shards) + 1:05d}.safetensors"
+        save_file(self.buffer, self.out_dir / name, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.buffer, name))
+        self.shards.append(name)
+        self.buffer, self.buffered = {}, 0
+
+    def close(self):
+        """Name the shards model.safetensors, or model-0000i-of-0000n.safetensors plus the index."""
+        if self.buffer:
+            self.flush()
+        missing = set(self.expected) - set(self.weight_map)
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:5])}")
+        n = len(self.shards)
+        final = {s: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                 for i, s in enumerate(self.shards)}
+        for s, f in final.items():
+            os.rename(self.out_dir / s, self.out_dir / f)
+        if n > 1:
+            index = {"metadata": {}, "weight_map": {k: final[v] for k, v in sorted(self.weight_map.items())}}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def atomic_dir(out_dir: Path, fill):
+    """Call fill(tmp_dir), then rename tmp_dir to out_dir (replacing an old out_dir only on success)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                # mkdtemp makes it private; the result should not be
+    try:
+        fill(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, old / out_dir.name)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_tokenizer_files(src: Path, dst: Path):
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def cast(tensors, dtype):
+    for name, t in tensors:
+        yield name, t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def expected_shapes(m, config) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        model = m.Transformer(config)
+    return {k: v.shape for k, v in model.state_dict(keep_vars=True).items()
+            if not (config.tie_embeddings and k == "lm_head.weight")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two directions
+
+
+def hf_to_native(hf_dir, out_dir, dtype=None):
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir} is not a directory")
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir / 'config.json'} not found: is {hf_dir} a Hugging Face model dir?")
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    family = models.family_of_hf(hf_config)
+    m = models.module(family)
+    config = m.Config.from_hf(hf_config)
+    config.name = config.name or hf_dir.name
+    files = input_files(hf_dir)
+
+    def fill(tmp: Path):
+        max_bytes = max(f.stat().st_size for f in files)
+        writer = ShardWriter(tmp, max_bytes, expected_shapes(m, config))
+        for name, tensor in m.from_hf(cast(read_tensors(files), dtype), config):
+            writer.add(name, tensor)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        copy_tokenizer_files(hf_dir, tmp)
+
+    atomic_dir(out_dir, fill)
+    return config
+
+
+def native_to_hf(native_dir, out_dir, dtype=None):
+    native_dir, out_dir = Path(native_dir), Path(out_dir)
+    m, config = models.read_config(native_dir)
+    files = models.weight_files(native_dir)
+
+    def fill(tmp: Path):
+        native_shapes = expected_shapes(m, config)
+        max_bytes = max(f.stat().st_size for f in files)
+        hf_shapes = {k: v.shape for name, shape in native_shapes.items()
+                     for k, v in m.to_hf([(name, torch.empty(shape, device="meta"))], config)}
+        writer = ShardWriter(tmp, max_bytes, hf_shapes)
+        first_dtype = None
+        for name, tensor in m.to_hf(cast(read_tensors(files), dtype), config):
+            first_dtype = first_dtype or tensor.dtype
+            writer.add(name, tensor)
+        writer.close()
+        hf_config = config.to_hf()
+        hf_config["torch_dtype"] = str(first_dtype).removeprefix("torch.")
+        gen = native_dir / "generation_config.json"
+        if gen.is_file():   # token ids transformers reads from config.json
+            g = json.loads(gen.read_text())
+            hf_config.update({k: g[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in g})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        copy_tokenizer_files(native_dir, tmp)
+
+    atomic_dir(out_dir, fill)
+    return config
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="HF model dir (or, with --to-hf, a native FlatLM checkpoint dir)")
+    p.add_argument("out", help="output dir (replaced only once the conversion is complete)")
+    p.add_argument("--to-hf", action="store_true", help="convert a native checkpoint to Hugging Face format")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point weights (default: keep)")
+    args = p.parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    convert = native_to_hf if args.to_hf else hf_to_native
+    try:
+        config = convert(args.src, args.out, dtype)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out} ({config.name or 'model'}, {config.n_layer} layers)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

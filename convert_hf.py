@@ -2,6 +2,7 @@
 
     python convert_hf.py HF_DIR OUT_DIR [--dtype bfloat16]
     python convert_hf.py --to-hf NATIVE_DIR HF_OUT_DIR [--dtype ...]
+    python convert_hf.py MODEL.gguf OUT_DIR          # GGUF, dequantized by transformers (needs transformers, gguf)
 
 Tensors stream one at a time from the memory-mapped input into output shards no larger than the largest input
 file, so peak memory stays near one shard however large the model. Everything is written into a temporary
@@ -209,6 +210,29 @@ def native_to_hf(native_dir, out_dir, dtype=None):
     return config
 
 
+def gguf_to_hf(gguf_path, out_dir):
+    """Dequantize a GGUF file into a Hugging Face model dir (weights in fp32, tokenizer, chat template), using
+    transformers' GGUF reader."""
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"{gguf_path} not found")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ValueError("reading GGUF needs transformers and gguf: pip install transformers gguf") from None
+    kwargs = dict(gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    model.hf_quantizer = None                    # the weights are dequantized now: save them as plain tensors
+    del model.config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+
+    def fill(tmp: Path):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_dir(Path(out_dir), fill)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="HF model dir (or, with --to-hf, a native FlatLM checkpoint dir)")
@@ -217,9 +241,15 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point weights (default: keep)")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
-    convert = native_to_hf if args.to_hf else hf_to_native
     try:
-        config = convert(args.src, args.out, dtype)
+        if args.to_hf:
+            config = native_to_hf(args.src, args.out, dtype)
+        elif args.src.endswith(".gguf"):
+            with tempfile.TemporaryDirectory() as tmp:
+                gguf_to_hf(args.src, Path(tmp) / Path(args.src).stem)
+                config = hf_to_native(Path(tmp) / Path(args.src).stem, args.out, dtype)
+        else:
+            config = hf_to_native(args.src, args.out, dtype)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.out} ({config.name or 'model'}, {config.n_layer} layers)", file=sys.stderr)

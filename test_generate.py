@@ -1,0 +1,201 @@
+"""generate.py: greedy text identical to HF transformers' generate on the real SmolLM2-135M-Instruct, quantized
+generation close to it, sampling controls, EOS, streaming, the CLI and its errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import convert_hf
+from conftest import perturb_
+from generate import LLM, Sampling, sample
+
+ROOT = Path(__file__).parent
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a village by the sea,",
+    "Translate to French: I like apples.\nAnswer:",
+]
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Tell me about the sea."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Write a haiku about autumn."}],
+]
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_hf_dir):
+    return AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    return LLM.load(smollm2_dir, device="cpu", dtype=torch.float32)
+
+
+def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Against transformers on the real checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_completion_identical_to_hf(prompt, llm, hf_model, smollm2_hf_dir):
+    hf_tok = HFTokenizer.from_file(str(smollm2_hf_dir / "tokenizer.json"))
+    ids = hf_tok.encode(prompt).ids
+    assert llm.tokenizer.encode(prompt) == ids
+    expected = hf_tok.decode(hf_greedy(hf_model, ids, 64), skip_special_tokens=True)
+    assert llm.generate(prompt, max_new_tokens=64, temperature=0) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("messages", CHATS)
+def test_greedy_chat_identical_to_hf(messages, llm, hf_model, smollm2_hf_dir):
+    hf_tok = HFTokenizer.from_file(str(smollm2_hf_dir / "tokenizer.json"))
+    ids = llm.tokenizer.encode_chat(messages)
+    new = hf_greedy(hf_model, ids, 64)
+    eos = llm.tokenizer.eos_ids
+    new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]   # HF keeps the EOS; we stop before
+    assert llm.chat(messages, max_new_tokens=64, temperature=0) == hf_tok.decode(new)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.9), ("nf4", 0.7)])
+def test_quantized_predictions_agree_with_fp32(mode, min_agreement, smollm2_dir, hf_model):
+    # Measure: teacher-forced next-token agreement. Along HF's fp32 greedy continuation of each prompt, the
+    # fraction of positions where the quantized model's argmax equals fp32's.
+    q = LLM.load(smollm2_dir, device="cpu", dtype=torch.float32, quantize=mode)
+    agree = total = 0
+    for prompt in PROMPTS:
+        ids = q.tokenizer.encode(prompt)
+        seq = torch.tensor([ids + hf_greedy(hf_model, ids, 48)])
+        with torch.no_grad():
+            ref = hf_model(seq).logits[0, len(ids) - 1:-1].argmax(-1)
+            got = q.model(seq)[0, len(ids) - 1:-1].argmax(-1)
+        agree += (ref == got).sum().item()
+        total += ref.numel()
+    assert agree / total >= min_agreement, f"{mode}: {agree}/{total} next tokens agree with fp32"
+
+
+@pytest.mark.slow
+def test_eos_stops_generation(llm):
+    llm.chat([{"role": "user", "content": "What is 2 + 2? Answer with one number."}], max_new_tokens=200,
+             temperature=0)
+    assert 0 < llm.stats.new_tokens < 200
+
+
+@pytest.mark.slow
+def test_stream_pieces_join_to_the_generated_text(llm):
+    kwargs = dict(max_new_tokens=40, temperature=0.9, top_k=50, seed=3)
+    assert "".join(llm.stream("Emoji and accents: 😀 café", **kwargs)) == llm.generate("Emoji and accents: 😀 café",
+                                                                                       **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_same_seed_same_text_and_greedy_limits(tiny_dir):
+    llm = LLM.load(tiny_dir, device="cpu")
+    run = lambda **kw: llm.generate("Hello there", max_new_tokens=20, **kw)
+    assert run(temperature=1.0, seed=1) == run(temperature=1.0, seed=1)
+    assert len({run(temperature=1.5, seed=s) for s in range(4)}) > 1
+    greedy = run(temperature=0)
+    assert run(temperature=1.0, top_k=1, seed=5) == greedy
+    assert run(temperature=1.0, top_p=1e-6, seed=5) == greedy
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = lambda s: {sample(logits, s, g).item() for _ in range(300)}
+    assert draws(Sampling(temperature=1.0, top_k=2)) == {0, 1}
+    assert draws(Sampling(temperature=1.0, top_p=0.7)) == {0, 1}      # 0.5 < 0.7 <= 0.5 + 0.3
+    assert draws(Sampling(temperature=1.0, top_p=0.5)) == {0}
+    assert draws(Sampling(temperature=1.0)) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_k=0), "top_k must be a positive integer"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p must be in (0, 1]"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+])
+def test_nonsense_sampling_values_are_rejected(kwargs, message, tiny_dir):
+    llm = LLM.load(tiny_dir, device="cpu")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        llm.generate("Hi", **kwargs)
+
+
+def test_prompt_longer_than_the_context_is_rejected(tiny_dir):
+    llm = LLM.load(tiny_dir, device="cpu")
+    with pytest.raises(ValueError, match="the prompt is .* tokens but the model's context is 64"):
+        llm.generate("word " * 100)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm2_hf_dir, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer and a 64-token context."""
+    hf_dir = tmp_path_factory.mktemp("tiny") / "hf"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    perturb_(LlamaForCausalLM(config)).save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (hf_dir / name).write_bytes((smollm2_hf_dir / name).read_bytes())
+    out = hf_dir.parent / "native"
+    convert_hf.hf_to_native(hf_dir, out)
+    return out
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_prints_the_completion_and_stats(tiny_dir):
+    r = cli(tiny_dir, "--prompt", "Hello", "--max_new_tokens", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == LLM.load(tiny_dir, device="cpu").generate("Hello", max_new_tokens=8, temperature=0)
+    assert "time to first token" in r.stderr and "tokens/s" in r.stderr and "peak memory" in r.stderr
+
+
+def test_cli_interactive_chat_keeps_history_within_the_context(tiny_dir):
+    r = cli(tiny_dir, "--max_new_tokens", "6", "--temperature", "0",
+            stdin="Hi\nTell me more\nand more\nand even more\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(">> ") == 5
+    assert r.stderr.count("tokens/s") == 4
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--prompt", "x", "--temperature", "-2"], "temperature must be >= 0"),
+    (["--prompt", "word " * 100], "context is 64"),
+])
+def test_cli_errors_are_one_line(args, fragment, tiny_dir):
+    r = cli(tiny_dir, *args)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and fragment in r.stderr
+
+
+def test_cli_missing_checkpoint(tmp_path):
+    r = cli(tmp_path / "missing", "--prompt", "x")
+    assert r.returncode == 1 and str(tmp_path / "missing") in r.stderr and r.stderr.strip().count("\n") == 0

@@ -27,7 +27,8 @@ CORPUS = [
     "👨‍👩‍👧‍👦 family 🎉❤️ 👍🏽", "🏳️‍🌈 flag", "emoji🙂🙂🙂x", "\u00a0nbsp\u3000ideographic\u2028line\u2029para",
     "\x1c\x1d sep \x00 nul \x04 eot \x7f del", "zero\u200bwidth\u200djoiner", "�", "\U000f0000 private use",
     "<|im_start|>user\nhi<|im_end|>\n", "text<|endoftext|>more", "<|im_start|><|im_start|>", "a <think> b</think>",
-    "<s>Hello</s> x", " Hello", "▁literal▁", "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
+    "<s>Hello</s> x", " Hello", "▁literal▁",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
     "<start_of_turn>user\nhi<end_of_turn>\n", "x <sep>  y", "foo food afoo foo_ foo.",
 ]
 STREAM_TEXT = "Emoji 👨‍👩‍👧‍👦🎉 and CJK 東京は日本の首都です。 accents naïve, then ❤️ and 🏳️‍🌈 done."
@@ -74,7 +75,6 @@ def check_stream(tok, texts=(STREAM_TEXT, *CORPUS)):
         assert "".join(pieces) == tok.decode(ids), s
         if "\ufffd" not in tok.decode(ids):
             assert not any("\ufffd" in p for p in pieces), (s, pieces)  # never half a character
-    return pieces
 
 
 # -----------------------------------------------------------------------------
@@ -171,7 +171,8 @@ def save_checkpoint(hf, d, config=None, **files):
     return d
 
 
-QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 @pytest.fixture(scope="session")
@@ -211,6 +212,34 @@ def test_gpt2_style_bpe(gpt2_hf, tmp_path, add_prefix_space):
     check_stream(tok)
 
 
+def test_split_regex_that_leaves_gaps(gpt2_hf, tmp_path):
+    # HF's Split(behavior=isolated) keeps the text between regex matches as pieces of their own; tiktoken drops it
+    # unless told otherwise
+    import tokenizers
+    from tokenizers import Regex, pre_tokenizers
+
+    hf = tokenizers.Tokenizer.from_str(gpt2_hf.to_str())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}"), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok = Tokenizer(save_checkpoint(hf, tmp_path))
+    check_encode(tok, lambda s: hf.encode(s).ids)
+
+
+def test_overlapping_added_tokens(gpt2_hf, tmp_path):
+    # leftmost-longest among tokens that overlap or nest, special and not
+    import tokenizers
+    from tokenizers import AddedToken
+
+    hf = tokenizers.Tokenizer.from_str(gpt2_hf.to_str())
+    hf.add_special_tokens(["<a>", "<a><b>", "<ab"])
+    hf.add_tokens([AddedToken("a>", special=False), AddedToken("<a><b><c>", special=False)])
+    tok = Tokenizer(save_checkpoint(hf, tmp_path))
+    rnd = random.Random(0)
+    parts = ["<a>", "<b>", "<c>", "<ab", "a>", "b", " ", "<"]
+    texts = ["".join(rnd.choice(parts) for _ in range(8)) for _ in range(300)]
+    check_encode(tok, lambda s: hf.encode(s).ids, texts)
+
+
 def test_ids_out_of_merge_order(gpt2_hf, tmp_path):
     # tiktoken takes ranks as ids; when a vocab's ids don't follow its merges, ranks must be mapped back to ids
     import tokenizers
@@ -241,7 +270,8 @@ def test_qwen_style_bpe(qwen_dir):
     # NFC: composed and decomposed text encode alike; the added tokens were really cut out
     assert tok.encode("cafe\u0301") == tok.encode("café")
     think, sep, foo = tok.token_to_id("<think>"), tok.token_to_id("<sep>"), tok.token_to_id("foo")
-    assert think in tok.encode("a<think>b") and tok.encode("x <sep>  y") == [tok.encode("x")[0], sep, tok.encode("y")[0]]
+    assert think in tok.encode("a<think>b")
+    assert tok.encode("x <sep>  y") == [tok.encode("x")[0], sep, tok.encode("y")[0]]  # lstrip, rstrip
     assert foo in tok.encode("a foo b") and foo not in tok.encode("afoo food")
     assert tok.decode(tok.encode("<|im_start|>hi<think>"), skip_special_tokens=True) == "hi<think>"
     assert (tok.bos_id, tok.eos_ids, tok.pad_id, tok.add_bos) == (None, [2], 0, False)
@@ -297,7 +327,8 @@ def test_tiktoken_model_matches_transformers_conversion(tiktoken_dir):
 def test_tiktoken_model_config_added_tokens_win(tiktoken_dir, tmp_path):
     shutil.copy(tiktoken_dir / "tokenizer.model", tmp_path)
     added = {"100256": {"content": "<|my_bos|>", "special": True}, "100300": {"content": "<mine>", "special": False}}
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added, "bos_token": "<|my_bos|>"}))
+    config = {"added_tokens_decoder": added, "bos_token": "<|my_bos|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = Tokenizer(tmp_path)
     assert tok.bos_id == 100256 and tok.token_to_id("<|begin_of_text|>") is None
     assert tok.encode("a<mine>", bos=False)[-1] == 100300
@@ -320,7 +351,30 @@ def train_sentencepiece(d, llama_style):
         bos_piece="<s>" if llama_style else "<bos>", eos_piece="</s>" if llama_style else "<eos>",
         minloglevel=2, **ids)
     (d / "tokenizer.vocab").unlink()
+    # settings that sentencepiece's encoder obeys but transformers' tokenizers ignore: ours must ignore them too
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((d / "tokenizer.model").read_bytes())
+    if llama_style:
+        proto.normalizer_spec.remove_extra_whitespaces = True  # would squeeze "a  b"
+        proto.normalizer_spec.name = "nmt_nfkc"  # would fold "ﬁ" to "fi" ...
+        proto.normalizer_spec.precompiled_charsmap = nfkc_charsmap(d / "nfkc")
+    (d / "tokenizer.model").write_bytes(proto.SerializeToString())
     return d
+
+
+def nfkc_charsmap(prefix):
+    # sentencepiece's NFKC table, taken from a throwaway model
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(training_lines(50)), model_prefix=str(prefix),
+                                   vocab_size=120, normalization_rule_name="nmt_nfkc", minloglevel=2)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(f"{prefix}.model").read_bytes())
+    Path(f"{prefix}.model").unlink(), Path(f"{prefix}.vocab").unlink()
+    return proto.normalizer_spec.precompiled_charsmap
 
 
 LLAMA2_TEMPLATE = (
@@ -329,16 +383,19 @@ LLAMA2_TEMPLATE = (
     "{% for message in messages %}"
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system %}{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% if loop.index0 == 0 and system %}"
+    "{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] %}"
     "{% else %}{% set content = message['content'] %}{% endif %}"
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
 
 GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
     "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
     "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
 
@@ -379,12 +436,30 @@ def test_sentencepiece_matches_transformers(sp_llama, sp_gemma, tmp_path, style)
     texts = [s for s in CORPUS if "<mask>" not in s]
     check_encode(tok, lambda s: hf.encode(s), texts)
     check_decode(tok, lambda ids, skip: hf.decode(ids, skip_special_tokens=skip), texts)
-    pieces = check_stream(tok)
+    check_stream(tok)
     assert tok.add_bos and tok.encode("")[0] == tok.bos_id == hf.bos_token_id
     assert tok.eos_ids == [hf.eos_token_id]
     for i in range(tok.vocab_size):
         assert tok.id_to_token(i) == hf.convert_ids_to_tokens(i)
-    assert len(pieces) > 1
+
+
+def test_sentencepiece_with_tokenizer_json_beside(sp_llama, tmp_path):
+    # Phi-3 style: tokenizer.model plus a (Metaspace, not byte-level) tokenizer.json that holds more added tokens,
+    # one eating the whitespace after it, and the BOS post-processor. The sentencepiece path runs; the json's
+    # extras count.
+    from tokenizers import AddedToken
+
+    hf = sp_oracle(sp_llama, gemma=False)
+    hf.add_tokens([AddedToken("<|user|>", rstrip=True, special=True), AddedToken("<|end|>", special=True)],
+                  special_tokens=True)
+    hf.add_tokens([AddedToken("<|placeholder|>", special=False, normalized=False)])
+    hf.save_pretrained(tmp_path)
+    shutil.copy(sp_llama / "tokenizer.model", tmp_path)
+    tok, oracle = Tokenizer(tmp_path), sp_oracle(tmp_path, gemma=False)
+    assert tok.kind == "sentencepiece" and tok.vocab_size == len(oracle) == 403
+    texts = [*CORPUS, "<|user|>\n  hi there<|end|>\n", "x<|placeholder|>y"]
+    check_encode(tok, oracle.encode, texts)
+    check_decode(tok, lambda ids, skip: oracle.decode(ids, skip_special_tokens=skip), texts)
 
 
 def test_sentencepiece_byte_fallback_and_prefix_space(sp_llama):
@@ -430,7 +505,11 @@ QWEN_TEMPLATE = """{%- if tools %}
         {%- if message.reasoning_content %}
             {{- '\\n<think>\\n' + message.reasoning_content.strip('\\n') + '\\n</think>\\n' }}
         {%- endif %}
-        {{- '\\n' + message.content + '<|im_end|>\\n' }}
+        {{- '\\n' + message.content }}
+        {%- if message.tool_calls is defined %}
+            {{- '\\n<tool_call>' + message.tool_calls | tojson + '</tool_call>' }}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
@@ -464,11 +543,13 @@ LLAMA3_TEMPLATE = """{{- bos_token }}
 CHATS = [
     [{"role": "user", "content": "Hello!"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4", "reasoning_content": "\nsimple sum\n"}, {"role": "user", "content": "東京 🎉?"}],
-    [{"role": "user", "content": "  spaces  and <|im_end|> inside  "}, {"role": "assistant", "content": "ok", "tool_calls": None}],
+     {"role": "assistant", "content": "4", "thinking": "\nsimple sum\n"}, {"role": "user", "content": "東京 🎉?"}],
+    [{"role": "user", "content": "  spaces  and <|im_end|> inside  "},
+     {"role": "assistant", "content": "ok", "tool_calls": None}],
 ]
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & \"later\" in Zürich",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather <now> & \"later\" in Zürich",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
 def check_chat(tok, hf, chats=CHATS, **kwargs):
@@ -524,8 +605,8 @@ def test_sentencepiece_chat_templates(sp_llama, sp_gemma):
         hf_gemma.apply_chat_template(CHATS[1], tokenize=False)
 
 
-def test_template_sources_and_fallback(smollm2, tmp_path):
-    shutil.copy(smollm2 / "tokenizer.json", tmp_path)
+def test_template_sources_and_fallback(gpt2_hf, tmp_path):
+    gpt2_hf.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer(tmp_path)  # no template anywhere: plain "role: content" lines
     assert not tok.has_chat_template
     chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
@@ -540,14 +621,15 @@ def test_template_sources_and_fallback(smollm2, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "J{{ add_generation_prompt }}"}))
     assert Tokenizer(tmp_path).apply_chat_template(chat) == "JTrue"
-    (tmp_path / "chat_template.jinja").write_text("{% generation %}G{% endgeneration %}{{ strftime_now('%Y') | length }}")
+    template = "{% generation %}G{% endgeneration %}{{ strftime_now('%Y') | length }}"
+    (tmp_path / "chat_template.jinja").write_text(template)
     assert Tokenizer(tmp_path).apply_chat_template(chat) == "G4"
 
 
-def test_template_sandbox(smollm2, tmp_path):
+def test_template_sandbox(gpt2_hf, tmp_path):
     import jinja2
 
-    shutil.copy(smollm2 / "tokenizer.json", tmp_path)
+    gpt2_hf.save(str(tmp_path / "tokenizer.json"))
     for template in ["{{ messages.__class__.__mro__ }}", "{{ messages.append(1) }}"]:
         (tmp_path / "chat_template.jinja").write_text(template)
         with pytest.raises(jinja2.exceptions.SecurityError):

@@ -29,7 +29,8 @@ from pathlib import Path
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # Llama 3's (= OpenAI's cl100k): case-insensitive contractions, numbers in groups of up to 3 digits, newlines apart.
-LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 # Llama 3.1's 256 special tokens; token i gets id len(ranks) + i (Meta's llama-models tokenizer.py, which
 # reserves num_reserved_special_tokens = 256 ids after the 128000 BPE ranks).
@@ -42,7 +43,8 @@ LLAMA31_SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(3, 3
 
 # Unicode's White_Space: what an added token's lstrip / rstrip swallow in HF (Rust's \s). Not str.isspace(),
 # which also counts the separators \x1c-\x1f.
-WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+              + "\u2028\u2029\u202f\u205f\u3000")
 
 # the named special tokens of transformers (its SPECIAL_TOKENS_ATTRIBUTES); chat templates see them as variables
 SPECIAL_TOKEN_NAMES = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"]
@@ -181,8 +183,24 @@ def split_added(text, matcher, tokens):
 
 
 def added_matcher(contents):
-    # leftmost-longest, like HF's Aho-Corasick: longer alternatives first
-    return re.compile("|".join(map(re.escape, sorted(contents, key=len, reverse=True)))) if contents else None
+    """one regex finding any of the literal `contents`, leftmost-longest like HF's Aho-Corasick. It is written as a
+    prefix tree ("<unused1|<unused2" -> "<unused(?:1|2)"), so a text position costs a few character tests rather
+    than one test per token: Gemma 3 has thousands of added tokens."""
+    trie = {}
+    for content in filter(None, contents):
+        node = trie
+        for c in content:
+            node = node.setdefault(c, {})
+        node[None] = {}  # a token ends here
+
+    def pattern(node):
+        branches = [re.escape(c) + pattern(child) for c, child in node.items() if c is not None]
+        if not branches:
+            return ""
+        group = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{group})?" if None in node else group  # a token ends here; a longer one wins if the text goes on
+
+    return re.compile(pattern(trie)) if trie else None
 
 
 # -----------------------------------------------------------------------------
@@ -212,7 +230,8 @@ class Tokenizer:
                              "there is no tokenizer.model beside it; supported are byte-level BPE tokenizer.json, "
                              "SentencePiece BPE tokenizer.model and Llama 3 tiktoken tokenizer.model")
         else:
-            raise FileNotFoundError(f"tokenizer: no tokenizer files in {d} (looked for tokenizer.json, tokenizer.model)")
+            raise FileNotFoundError(f"tokenizer: no tokenizer files in {d} "
+                                    "(looked for tokenizer.json, tokenizer.model)")
 
         # the named special tokens: tokenizer_config, overridden by the legacy special_tokens_map.json (which
         # transformers only reads when tokenizer_config has no added_tokens_decoder), else the format's defaults
@@ -241,7 +260,7 @@ class Tokenizer:
                 contents.add(content)
         self._set_added_tokens(list(added.values()))
 
-        self.special_tokens = {k: v for k, v in named.items() if v is not None}  # chat template variables
+        self.special_tokens_map = {k: v for k, v in named.items() if v is not None}  # chat template variables
         gen = read_json(d / "generation_config.json") or {}
         self.bos_id = self.token_to_id(named["bos_token"]) if named.get("bos_token") else gen.get("bos_token_id")
         self.eos_id = self.token_to_id(named["eos_token"]) if named.get("eos_token") else None
@@ -249,7 +268,8 @@ class Tokenizer:
         # generation stops at any of: generation_config's eos_token_id (int or list), then the tokenizer's eos
         gen_eos = gen.get("eos_token_id")
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-        self.eos_ids = list(dict.fromkeys(i for i in [*gen_eos, self.eos_id, *self._extra_stop_ids] if i is not None))
+        stops = [*gen_eos, self.eos_id, *map(self.token_to_id, self._extra_stop_tokens)]
+        self.eos_ids = list(dict.fromkeys(i for i in stops if i is not None))
 
         # what encode() adds by default: a tokenizer.json's post-processor decides (transformers then ignores
         # tokenizer_config's add_bos_token), else tokenizer_config, else the format
@@ -274,7 +294,7 @@ class Tokenizer:
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
             if model.get(key):
                 raise ValueError(f"tokenizer: unsupported BPE option {key}={model[key]!r} in tokenizer.json")
-        pattern, self._prefix_space = pretokenizer_regex(tj.get("pre_tokenizer"))
+        pattern, prefix_space = pretokenizer_regex(tj.get("pre_tokenizer"))
         self._normalize = normalizer_function(tj.get("normalizer"))
         vocab = model["vocab"]
         self._added = [AddedToken.from_dict(t["id"], t) for t in tj.get("added_tokens", [])]
@@ -311,68 +331,44 @@ class Tokenizer:
             plain = enc.encode_ordinary  # ranks are ids: nothing to map
         else:
             plain = lambda text: [i for i in map(rank_to_id.__getitem__, enc.encode_ordinary(text)) if i >= 0]
-        if self._prefix_space:  # ByteLevel(add_prefix_space=true): each text piece starts with a space
+        if prefix_space:  # ByteLevel(add_prefix_space=true): each text piece starts with a space
             self._encode_ordinary = lambda text, at_start: plain(text if text.startswith(" ") else " " + text)
         else:
             self._encode_ordinary = lambda text, at_start: plain(text)
         self._set_vocab_bytelevel(vocab)
-        self._default_add_bos, self._extra_stop_ids = False, []
-
-    # --- format 3: Llama 3's tiktoken tokenizer.model
-
-    def _load_tiktoken_model(self, path):
-        ranks = {}
-        for line in path.read_text(encoding="ascii").splitlines():
-            if line:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-        enc = make_tiktoken(path.name, LLAMA3_PATTERN, ranks)
-        self._encode_ordinary = lambda text, at_start: enc.encode_ordinary(text)
-        self._normalize, self._prefix_space = None, False
-        n = len(ranks)
-        # tokenizer_config's added_tokens_decoder, when there is one, overrides these by id
-        self._added = [AddedToken(n + i, t, special=True) for i, t in enumerate(LLAMA31_SPECIAL_TOKENS)]
-        self._set_vocab_bytelevel({"".join(BYTE_TO_CHAR[b] for b in tok): r for tok, r in ranks.items()})
-        self._format_defaults = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
-        # Meta's chat models end a turn with <|eot_id|> (<|eom_id|> when calling a tool): stop there too
-        self._default_add_bos = True
-        self._extra_stop_ids = [self._vocab.get("<|eom_id|>", n + 8), self._vocab.get("<|eot_id|>", n + 9)]
-
-    def _set_vocab_bytelevel(self, vocab):
-        self.kind = "bpe"
-        self._vocab = dict(vocab)
-        top = max([*vocab.values(), *(t.id for t in self._added)]) + 1
-        self._id_to_token = [""] * top
-        for token, i in vocab.items():
-            self._id_to_token[i] = token
+        self._default_add_bos, self._extra_stop_tokens = False, []
 
     # --- format 2: SentencePiece tokenizer.model
 
     def _load_sentencepiece(self, path, config):
         import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2
+        try:  # the model file is a protobuf; reading and editing it needs the protobuf package
+            from sentencepiece import sentencepiece_model_pb2
+        except ImportError:
+            raise ImportError(f"tokenizer: reading {path} needs the protobuf package: pip install protobuf") from None
 
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(path.read_bytes())
         if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
-            raise ValueError(f"tokenizer: {path} is a SentencePiece {proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)} "
-                             "model; only SentencePiece BPE is supported (Llama, Mistral, Gemma, Phi-3)")
+            kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)
+            raise ValueError(f"tokenizer: {path} is a SentencePiece {kind} model; only SentencePiece BPE is supported "
+                             "(Llama, Mistral, Gemma, Phi-3)")
         # transformers 5 runs these models as a plain BPE over the text with spaces written "▁": no SentencePiece
-        # normalization, and its own dummy-prefix rule (below). So switch off sentencepiece's normalizer and prefix,
-        # and let whitespace runs stay whole (as one BPE over the text would); then sentencepiece gives HF's ids.
+        # normalization (NFKC, squeezing spaces) and its own dummy-prefix rule (below). So switch sentencepiece's
+        # normalizer and prefix off; what is left, its BPE with byte fallback, gives HF's ids.
         dummy_prefix = proto.normalizer_spec.add_dummy_prefix
         proto.normalizer_spec.add_dummy_prefix = False
         proto.normalizer_spec.remove_extra_whitespaces = False
         proto.normalizer_spec.precompiled_charsmap = b""
         proto.normalizer_spec.name = "identity"
-        proto.trainer_spec.allow_whitespace_only_pieces = True
         sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
         # The prefix space of Llama-style models (transformers' Metaspace pre-tokenizer): text gets a leading "▁"
-        # unless it already starts with one; "first" (legacy=false, the default) only at the very start of the
-        # input, "always" (legacy=true) also after each added token. Gemma has no prefix.
+        # unless it already starts with one; "first" (legacy=false, the default, and always for CodeLlama) only at
+        # the very start of the input, "always" (legacy=true) also after each added token. Gemma has no prefix.
         if dummy_prefix and config.get("add_prefix_space", True) is not False:
-            scheme = "always" if config.get("legacy") else "first"
+            code_llama = str(config.get("tokenizer_class", "")).startswith("CodeLlama")
+            scheme = "always" if config.get("legacy") and not code_llama else "first"
         else:
             scheme = None
         self._strip_leading_space = scheme is not None  # decoding takes one leading space off, for the prefix
@@ -384,20 +380,49 @@ class Tokenizer:
 
         self.kind = "sentencepiece"
         self._encode_ordinary = encode_ordinary
-        self._normalize, self._prefix_space = None, False
+        self._normalize = None
         pieces = [p.piece for p in proto.pieces]
         self._vocab = {p: i for i, p in enumerate(pieces)}
         self._id_to_token = pieces
-        types = {3: True, 4: False}  # control pieces are special added tokens, user-defined ones plain added tokens
-        self._added = [AddedToken(i, p.piece, special=types[p.type], normalized=False)
-                       for i, p in enumerate(proto.pieces) if p.type in types]
+        # control pieces (<s>, </s>) become special added tokens, user-defined ones (<start_of_turn>) plain ones
+        piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+        is_special = {piece.CONTROL: True, piece.USER_DEFINED: False}
+        self._added = [AddedToken(i, p.piece, special=is_special[p.type], normalized=False)
+                       for i, p in enumerate(proto.pieces) if p.type in is_special]
         spec = proto.trainer_spec
         self._format_defaults = {name: pieces[i] for name, i in [("bos_token", spec.bos_id), ("eos_token", spec.eos_id),
                                                                  ("unk_token", spec.unk_id), ("pad_token", spec.pad_id)]
                                 if 0 <= i < len(pieces)}
         # Llama and Gemma are trained with BOS first (transformers 5 loading a bare tokenizer.model adds none:
         # real checkpoints state it in tokenizer_config.json or tokenizer.json, which win)
-        self._default_add_bos, self._extra_stop_ids = True, []
+        self._default_add_bos, self._extra_stop_tokens = True, []
+
+    # --- format 3: Llama 3's tiktoken tokenizer.model
+
+    def _load_tiktoken_model(self, path):
+        ranks = {}
+        for line in path.read_text(encoding="ascii").splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        enc = make_tiktoken(path.name, LLAMA3_PATTERN, ranks)
+        self._encode_ordinary = lambda text, at_start: enc.encode_ordinary(text)
+        self._normalize = None
+        n = len(ranks)
+        # tokenizer_config's added_tokens_decoder, when there is one, overrides these by id
+        self._added = [AddedToken(n + i, t, special=True) for i, t in enumerate(LLAMA31_SPECIAL_TOKENS)]
+        self._set_vocab_bytelevel({"".join(BYTE_TO_CHAR[b] for b in tok): r for tok, r in ranks.items()})
+        self._format_defaults = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+        # Meta's chat models end a turn with <|eot_id|> (<|eom_id|> when calling a tool): stop there too
+        self._default_add_bos, self._extra_stop_tokens = True, ["<|eom_id|>", "<|eot_id|>"]
+
+    def _set_vocab_bytelevel(self, vocab):
+        self.kind = "bpe"
+        self._vocab = dict(vocab)
+        top = max([*vocab.values(), *(t.id for t in self._added)]) + 1
+        self._id_to_token = [""] * top
+        for token, i in vocab.items():
+            self._id_to_token[i] = token
 
     # --- shared by all formats
 
@@ -456,7 +481,7 @@ class Tokenizer:
         return token_id
 
     def decode(self, ids, skip_special_tokens=False):
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        ids = ids.tolist() if hasattr(ids, "tolist") else [ids] if isinstance(ids, int) else ids
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
         n = self.vocab_size
@@ -520,7 +545,7 @@ class Tokenizer:
             raise ValueError(f"tokenizer: several chat templates {sorted(self.chat_templates)} and none is 'default'; "
                              "pass chat_template=NAME")
         messages = [clean_message(m) for m in messages]
-        variables = {**self.special_tokens, **kwargs}  # kwargs override the special tokens, as in transformers
+        variables = {**self.special_tokens_map, **kwargs}  # kwargs override the special tokens, as in transformers
         return compile_template(source).render(messages=messages, tools=tools, documents=documents,
                                                add_generation_prompt=add_generation_prompt, **variables)
 
@@ -657,5 +682,5 @@ def plain_chat(messages, add_generation_prompt):
     # the fallback for checkpoints without a template (base models): "role: content" lines, then "assistant: "
     def text(content):
         return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
-    lines = "".join(f"{m['role']}: {text(m['content'])}\n" for m in messages)
+    lines = "".join(f"{m['role']}: {text(m.get('content') or '')}\n" for m in messages)
     return lines + ("assistant: " if add_generation_prompt else "")

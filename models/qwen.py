@@ -317,7 +317,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(D, config.norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
+    def heads(self, x, cos, sin):
+        # x: (B, T, C) -> q, k, v split into heads, with RoPE applied to q and k
         B, T, _ = x.shape
         H, K, D = self.config.n_head, self.config.n_kv_head, self.config.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)          # (B, H + 2K, T, D)
@@ -325,7 +326,12 @@ class Attention(nn.Module):
         if self.config.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
         qk = apply_rope(qk, cos, sin)                                      # rotate q and k in one go
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + K:]                     # (B, H, T, D), (B, K, T, D) x 2
+        return qk[:, :H], qk[:, H:], qkv[:, H + K:]                       # q (B, H, T, D); k, v (B, K, T, D)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        H, K, D = self.config.n_head, self.config.n_kv_head, self.config.head_dim
+        q, k, v = self.heads(x, cos, sin)                                  # (B, H, T, D), (B, K, T, D) x 2
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)                   # (B, K, S, D)
         if mask is None:                                                   # plain causal over these T tokens

@@ -11,22 +11,15 @@ directory that is renamed to OUT_DIR only when complete.
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 import models
 
-# Tokenizer and generation files travel with the weights unchanged.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -68,77 +61,6 @@ def read_tensors(files: list[Path]):
                 yield name, state.pop(name)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Writing: shards of at most max_bytes, then a rename of the whole directory.
-
-
-class ShardWriter:
-    def __init__(self, out_dir: Path, max_bytes: int, expected: dict[str, torch.Size]):
-        self.out_dir, self.max_bytes, self.expected = out_dir, max_bytes, expected
-        self.buffer, self.buffered, self.shards, self.weight_map = {}, 0, [], {}
-
-    def add(self, name: str, tensor: torch.Tensor):
-        if name not in self.expected:
-            raise ValueError(f"unexpected weight {name!r}")
-        if tensor.shape != self.expected[name]:
-            raise ValueError(f"shape mismatch for {name}: the checkpoint has {tuple(tensor.shape)}, "
-                             f"config.json implies {tuple(self.expected[name])}")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffered + nbytes > self.max_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffered += nbytes
-
-    def flush(self):
-        name = f"shard-{len(self.shards) + 1:05d}.safetensors"
-        save_file(self.buffer, self.out_dir / name, metadata={"format": "pt"})
-        self.weight_map.update(dict.fromkeys(self.buffer, name))
-        self.shards.append(name)
-        self.buffer, self.buffered = {}, 0
-
-    def close(self):
-        """Name the shards model.safetensors, or model-0000i-of-0000n.safetensors plus the index."""
-        if self.buffer:
-            self.flush()
-        missing = set(self.expected) - set(self.weight_map)
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:5])}")
-        n = len(self.shards)
-        final = {s: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                 for i, s in enumerate(self.shards)}
-        for s, f in final.items():
-            os.rename(self.out_dir / s, self.out_dir / f)
-        if n > 1:
-            index = {"metadata": {}, "weight_map": {k: final[v] for k, v in sorted(self.weight_map.items())}}
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def atomic_dir(out_dir: Path, fill):
-    """Call fill(tmp_dir), then rename tmp_dir to out_dir (replacing an old out_dir only on success)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)                # mkdtemp makes it private; the result should not be
-    try:
-        fill(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / out_dir.name)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def copy_tokenizer_files(src: Path, dst: Path):
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-
-
 def cast(tensors, dtype):
     for name, t in tensors:
         yield name, t.to(dtype) if dtype is not None and t.is_floating_point() else t
@@ -170,14 +92,14 @@ def hf_to_native(hf_dir, out_dir, dtype=None):
 
     def fill(tmp: Path):
         max_bytes = max(f.stat().st_size for f in files)
-        writer = ShardWriter(tmp, max_bytes, expected_shapes(m, config))
+        writer = models.ShardWriter(tmp, max_bytes, expected_shapes(m, config))
         for name, tensor in m.from_hf(cast(read_tensors(files), dtype), config):
             writer.add(name, tensor)
         writer.close()
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        copy_tokenizer_files(hf_dir, tmp)
+        models.copy_tokenizer_files(hf_dir, tmp)
 
-    atomic_dir(out_dir, fill)
+    models.atomic_dir(out_dir, fill)
     return config
 
 
@@ -191,7 +113,7 @@ def native_to_hf(native_dir, out_dir, dtype=None):
         max_bytes = max(f.stat().st_size for f in files)
         hf_shapes = {k: v.shape for name, shape in native_shapes.items()
                      for k, v in m.to_hf([(name, torch.empty(shape, device="meta"))], config)}
-        writer = ShardWriter(tmp, max_bytes, hf_shapes)
+        writer = models.ShardWriter(tmp, max_bytes, hf_shapes)
         first_dtype = None
         for name, tensor in m.to_hf(cast(read_tensors(files), dtype), config):
             first_dtype = first_dtype or tensor.dtype
@@ -204,9 +126,9 @@ def native_to_hf(native_dir, out_dir, dtype=None):
             g = json.loads(gen.read_text())
             hf_config.update({k: g[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in g})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        copy_tokenizer_files(native_dir, tmp)
+        models.copy_tokenizer_files(native_dir, tmp)
 
-    atomic_dir(out_dir, fill)
+    models.atomic_dir(out_dir, fill)
     return config
 
 
@@ -230,7 +152,7 @@ def gguf_to_hf(gguf_path, out_dir):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    atomic_dir(Path(out_dir), fill)
+    models.atomic_dir(Path(out_dir), fill)
 
 
 def main(argv=None):

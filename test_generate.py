@@ -1,7 +1,6 @@
 """generate.py: greedy text identical to HF transformers' generate on the real SmolLM2-135M-Instruct, quantized
 generation close to it, sampling controls, EOS, streaming, the CLI and its errors."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

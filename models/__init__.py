@@ -1,16 +1,21 @@
-"""Which model file a checkpoint belongs to, and loading one.
+"""Which model file a checkpoint belongs to, and loading and saving native checkpoint dirs.
 
-A native checkpoint dir holds config.json ({"family": ..., Config fields}) and model.safetensors (or shards with
-model.safetensors.index.json). Loading builds the model on the meta device and then assigns the memory-mapped
-tensors, so a model costs its weights once.
+A native checkpoint dir holds config.json ({"family": ..., Config fields}), model.safetensors (or shards with
+model.safetensors.index.json) and the tokenizer files. Loading builds the model on the meta device and then
+assigns the memory-mapped tensors, so a model costs its weights once. Saving writes into a temporary directory
+that is renamed into place only when complete.
 """
 
 import importlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 FAMILIES = ("llama", "gemma", "qwen", "phi")
 # HF config.json model_type -> family
@@ -97,3 +102,101 @@ def load(checkpoint_dir, device=None, dtype=None):
 def quantize(model, mode: str):
     """Swap the model's linear layers for its own model file's quantized linear (int8, nf4, fp4, bnb.int8)."""
     return sys.modules[type(model).__module__].quantize(model, mode)
+
+
+# Tokenizer and generation files travel with the weights unchanged.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: shards of at most max_bytes, then a rename of the whole directory.
+
+
+class ShardWriter:
+    def __init__(self, out_dir: Path, max_bytes: int, expected: dict[str, torch.Size]):
+        self.out_dir, self.max_bytes, self.expected = out_dir, max_bytes, expected
+        self.buffer, self.buffered, self.shards, self.weight_map = {}, 0, [], {}
+
+    def add(self, name: str, tensor: torch.Tensor):
+        if name not in self.expected:
+            raise ValueError(f"unexpected weight {name!r}")
+        if tensor.shape != self.expected[name]:
+            raise ValueError(f"shape mismatch for {name}: the checkpoint has {tuple(tensor.shape)}, "
+                             f"config.json implies {tuple(self.expected[name])}")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffered + nbytes > self.max_bytes:
+            self.flush()
+        self.buffer[name] = tensor.contiguous()
+        self.buffered += nbytes
+
+    def flush(self):
+        name = f"shard-{len(self.shards) + 1:05d}.safetensors"
+        save_file(self.buffer, self.out_dir / name, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.buffer, name))
+        self.shards.append(name)
+        self.buffer, self.buffered = {}, 0
+
+    def close(self):
+        """Name the shards model.safetensors, or model-0000i-of-0000n.safetensors plus the index."""
+        if self.buffer:
+            self.flush()
+        missing = set(self.expected) - set(self.weight_map)
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:5])}")
+        n = len(self.shards)
+        final = {s: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                 for i, s in enumerate(self.shards)}
+        for s, f in final.items():
+            os.rename(self.out_dir / s, self.out_dir / f)
+        if n > 1:
+            index = {"metadata": {}, "weight_map": {k: final[v] for k, v in sorted(self.weight_map.items())}}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def atomic_dir(out_dir: Path, fill):
+    """Call fill(tmp_dir), then rename tmp_dir to out_dir (replacing an old out_dir only on success)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                # mkdtemp makes it private; the result should not be
+    try:
+        fill(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, old / out_dir.name)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_tokenizer_files(src: Path, dst: Path):
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def save(state_dict: dict, config, out_dir, tokenizer_dir=None, max_shard_bytes: int = 4 * 2**30):
+    """Write a native checkpoint dir: weights (a tied head stored once), config.json, and the tokenizer and
+    generation files of tokenizer_dir."""
+    m = module(config.to_dict()["family"])
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in m.Transformer(config).state_dict(keep_vars=True).items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+
+    def fill(tmp: Path):
+        writer = ShardWriter(tmp, max_shard_bytes, expected)
+        for name, tensor in state_dict.items():
+            if name in expected:
+                writer.add(name, tensor.detach().cpu())
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(Path(tokenizer_dir), tmp)
+
+    atomic_dir(Path(out_dir), fill)

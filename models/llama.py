@@ -10,7 +10,7 @@ D head_dim. Weights use the Hugging Face layout (rotate-half RoPE), with q/k/v a
 """
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn

@@ -14,7 +14,7 @@ Qwen2 configs can also put a sliding window on the upper layers (off in every pu
 """
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn

@@ -162,11 +162,19 @@ class LLM:
                                     f"(convert one with: python convert_hf.py HF_DIR {checkpoint_dir})")
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
-        model = models.load(checkpoint_dir, device=device, dtype=dtype)
+        device = torch.device(device) if device else models.default_device()
+        # On CPU the weights are copied into a faster layout (or quantized) anyway: read them into memory rather
+        # than memory-map them, so the file's pages do not count on top of the copies.
+        model = models.load(checkpoint_dir, device=device, dtype=dtype, mmap=device.type != "cpu")
         if quantize:
             models.quantize(model, quantize)
-        elif model.tok_embeddings.weight.device.type == "cpu":
+        elif device.type == "cpu":
             cpu_gemv_layout(model)
+        adapter = checkpoint_dir / "adapter.safetensors"
+        if adapter.is_file():                     # a LLaMA-Adapter cannot be merged into the weights: apply it
+            import finetune_lora
+            if finetune_lora.adapter_metadata(adapter)["merged"] == "false":
+                finetune_lora.load_adapter(model, adapter)
         gen_path = checkpoint_dir / "generation_config.json"
         generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         return cls(model, Tokenizer(checkpoint_dir), generation_config, compile)

@@ -68,29 +68,55 @@ def weight_files(checkpoint_dir) -> list[Path]:
     return paths
 
 
-def load_state_dict(checkpoint_dir, device="cpu", dtype=None) -> dict:
-    """Every tensor of a native checkpoint, memory-mapped from its safetensors files."""
+def load_state_dict(checkpoint_dir, device="cpu", dtype=None, mmap: bool = True) -> dict:
+    """Every tensor of a native checkpoint: memory-mapped from its safetensors files (nothing is read until used),
+    or with mmap=False read into fresh memory tensor by tensor (for callers that copy the weights anyway, so that
+    the file's pages never count twice)."""
     from safetensors import safe_open
     state = {}
     for path in weight_files(checkpoint_dir):
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                state[name] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
+        if mmap:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                tensors = [(name, f.get_tensor(name)) for name in f.keys()]
+        else:
+            tensors = read_safetensors(path)
+        for name, t in tensors:
+            state[name] = t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
     return state
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """(name, tensor) pairs of a safetensors file read with plain file reads: 8 bytes of header length, a JSON
+    header of dtype / shape / byte offsets, then the raw little-endian data."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            f.seek(8 + n + start)
+            if f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise ValueError(f"{path} is truncated: {name} ends past the end of the file")
+            yield name, t
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load(checkpoint_dir, device=None, dtype=None):
+def load(checkpoint_dir, device=None, dtype=None, mmap: bool = True):
     """Build the model of a native checkpoint dir with its weights, in eval mode."""
     m, config = read_config(checkpoint_dir)
     device = torch.device(device) if device else default_device()
     with torch.device("meta"):
         model = m.Transformer(config)
-    state = load_state_dict(checkpoint_dir, device, dtype)
+    state = load_state_dict(checkpoint_dir, device, dtype, mmap)
     if config.tie_embeddings:                    # stored once; both names point at the same tensor
         state["lm_head.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)

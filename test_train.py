@@ -1,0 +1,216 @@
+"""train.py: every method trains, a resumed run equals an uninterrupted one, the final checkpoint loads everywhere,
+recipes are validated, and bad input fails with one line."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import convert_hf
+import finetune_lora
+import models
+import train
+from generate import LLM
+
+ROOT = Path(__file__).parent
+FACTS = ROOT / "recipes" / "data" / "facts_tiny.json"
+
+
+def run(recipe: str, *overrides: str) -> Path:
+    r = train.load_recipe(ROOT / "recipes" / recipe, list(overrides))
+    return train.train(r, train.Env())
+
+
+def losses(out_dir: Path, column="loss") -> dict[int, float]:
+    with open(out_dir / "log.csv") as f:
+        return {int(row["step"]): float(row[column]) for row in csv.DictReader(f) if row[column]}
+
+
+def tiny_lora(tiny_dir, out_dir, *overrides):
+    return run("smollm2_135m_lora.yaml", f"checkpoint_dir={tiny_dir}", f"out_dir={out_dir}", "data.max_seq_len=48",
+               "global_batch_size=4", "micro_batch_size=2", "eval_interval=0", "eval_batches=1", *overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Methods
+
+
+def test_pretraining_loss_falls_on_shakespeare(smollm2_dir, shakespeare_dir, tmp_path):
+    out = run("pretrain_shakespeare.yaml", f"tokenizer_dir={smollm2_dir}", f"data.path={shakespeare_dir}",
+              f"out_dir={tmp_path}", "max_steps=40", "data.max_seq_len=64", "global_batch_size=8",
+              "micro_batch_size=8", "log_interval=1", "save_interval=0", "eval_interval=0")
+    loss = losses(tmp_path)
+    assert loss[1] > 10 and loss[40] < loss[1] - 3, loss           # from ln(49152) = 10.8 towards English
+    assert losses(tmp_path, "val_loss")[40] < loss[1] - 3
+    llm = LLM.load(out, device="cpu")
+    assert len(llm.generate("ROMEO.", max_new_tokens=8, temperature=0)) > 0
+
+
+def test_lora_trains_only_adapters_and_exports(tiny_dir, tmp_path):
+    out = tiny_lora(tiny_dir, tmp_path, "max_steps=6", "optimizer.lr=1e-2", "optimizer.warmup_steps=0")
+    loss = losses(tmp_path)
+    assert loss[6] < loss[1]
+    meta = finetune_lora.adapter_metadata(out / "adapter.safetensors")
+    assert meta["kind"] == "lora" and meta["merged"] == "true"
+    # only adapter tensors moved: what differs from the base is exactly the merged LoRA product
+    base = models.load_state_dict(tiny_dir)
+    merged = models.load_state_dict(out)
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.endswith(("qkv.weight", "o.weight", "gate_up.weight", "down.weight")) for k in changed)
+    # the final dir loads in LLM.load and, exported, in transformers with the same logits
+    convert_hf.native_to_hf(out, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    idx = torch.randint(0, 49152, (1, 12))
+    with torch.no_grad():
+        assert (hf(idx).logits - models.load(out, device="cpu")(idx)).abs().max() < 1e-4
+
+
+def test_qlora_runs_on_cpu(tiny_dir, tmp_path):
+    out = tiny_lora(tiny_dir, tmp_path, "method=qlora", "max_steps=3", "optimizer.lr=1e-2")
+    loss = losses(tmp_path)
+    assert all(torch.isfinite(torch.tensor(v)) for v in loss.values())
+    assert models.load(out, device="cpu").config.n_layer == 2         # merged into the full-precision base
+
+
+def test_adapter_starts_as_a_no_op_and_learns(tiny_dir, tmp_path):
+    out = tiny_lora(tiny_dir, tmp_path, "method=adapter", "max_steps=8", "optimizer.lr=5e-2",
+                    "optimizer.warmup_steps=0", "adapter.n_layers=2", "adapter.prompt_len=4")
+    loss = losses(tmp_path)
+    # step 1's loss is the base model's own loss on that batch: the zero gate makes the adapter invisible
+    recipe = train.load_recipe(ROOT / "recipes" / "smollm2_135m_lora.yaml",
+                               [f"checkpoint_dir={tiny_dir}", "data.max_seq_len=48"])
+    tokenizer = LLM.load(tiny_dir, device="cpu").tokenizer
+    data = train.build_data(recipe, tokenizer, train.Env())
+    base = models.load(tiny_dir, device="cpu")
+    batches = data.micro_batches(0, 4, 2)
+    n = sum((y != -100).sum() for _, y in batches)
+    with torch.no_grad():
+        expected = sum(train.loss_sum(base, x, y, recipe, train.Env()).item() for x, y in batches) / n.item()
+    assert loss[1] == pytest.approx(expected, rel=1e-6)
+    assert loss[8] < loss[1]
+    assert finetune_lora.adapter_metadata(out / "adapter.safetensors")["merged"] == "false"
+    assert LLM.load(out, device="cpu").generate("Hi", max_new_tokens=3, temperature=0) is not None
+
+
+def test_full_finetuning_with_activation_checkpointing_matches_without(tiny_dir, tmp_path):
+    a = tiny_lora(tiny_dir, tmp_path / "a", "method=full", "max_steps=3", "optimizer.lr=1e-3")
+    tiny_lora(tiny_dir, tmp_path / "b", "method=full", "max_steps=3", "optimizer.lr=1e-3",
+              "activation_checkpointing=true")
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert la == pytest.approx(lb, rel=1e-5) and la[3] < la[1]
+    assert models.load(a, device="cpu").config == models.load(tiny_dir, device="cpu").config
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "16-mixed"])
+def test_precisions_run(precision, tiny_dir, tmp_path):
+    tiny_lora(tiny_dir, tmp_path, f"precision={precision}", "max_steps=2")
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path).values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resumed_run_equals_uninterrupted(method, tiny_dir, tmp_path):
+    common = [f"method={method}", "max_steps=6", "optimizer.lr=5e-3", "optimizer.warmup_steps=2",
+              "lora.dropout=0.1"]
+    tiny_lora(tiny_dir, tmp_path / "straight", *common)
+    tiny_lora(tiny_dir, tmp_path / "saving", *common, "save_interval=3")
+    resumed = tiny_lora(tiny_dir, tmp_path / "resumed", *common,
+                        f"resume={tmp_path / 'saving' / 'checkpoints' / 'step-000003'}")
+    straight = losses(tmp_path / "straight")
+    assert losses(tmp_path / "resumed") == {k: v for k, v in straight.items() if k > 3}   # bit-identical on CPU
+    a, b = models.load_state_dict(tmp_path / "straight" / "final"), models.load_state_dict(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_true_picks_the_latest_checkpoint(tiny_dir, tmp_path):
+    tiny_lora(tiny_dir, tmp_path, "max_steps=2", "save_interval=1")
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000002"
+    tiny_lora(tiny_dir, tmp_path, "max_steps=3", "resume=true")
+    assert list(losses(tmp_path)) == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipes and errors
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses_and_builds_on_meta(path):
+    recipe = train.load_recipe(path)
+    m, config = train.preset_config(recipe.model)
+    with torch.device("meta"):
+        model = m.Transformer(config)
+        if recipe.method == "qlora":          # 4-bit quantization needs real weights: check the LoRA part
+            recipe.method = "lora"
+        train.apply_method(model, recipe)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert 0 < trainable <= total
+    if recipe.method in ("lora", "adapter"):
+        assert trainable < total / 20
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def assert_one_line_error(r, *fragments):
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and len([ln for ln in lines if ln.startswith("error")]) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_unknown_key_lists_the_valid_keys(tmp_path):
+    r = cli(ROOT / "recipes" / "smollm2_135m_lora.yaml", "data.pth=x.json")
+    assert_one_line_error(r, "unknown recipe key 'data.pth'", "data.path", "max_steps", "optimizer.lr")
+
+
+def test_bad_values_and_missing_files(tmp_path):
+    recipe = ROOT / "recipes" / "smollm2_135m_lora.yaml"
+    assert_one_line_error(cli(recipe, "max_steps=lots"), "max_steps", "int")
+    assert_one_line_error(cli(recipe, "method=dpo"), "method 'dpo'", "lora")
+    assert_one_line_error(cli(tmp_path / "nope.yaml"), str(tmp_path / "nope.yaml"))
+    assert_one_line_error(cli(recipe, f"checkpoint_dir={tmp_path}"), str(tmp_path / "config.json"))
+
+
+def test_bad_data_record_names_file_and_line(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n" + '{"instruction": "Hi"}\n')
+    r = cli(ROOT / "recipes" / "smollm2_135m_lora.yaml", f"checkpoint_dir={tiny_dir}", f"data.path={bad}",
+            f"out_dir={tmp_path / 'out'}")
+    assert_one_line_error(r, f"{bad}:2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real checkpoint
+
+
+@pytest.mark.slow
+def test_lora_teaches_smollm2_a_new_fact_that_survives_export(smollm2_dir, tmp_path):
+    question = [{"role": "user", "content": "Who is the mascot of the FlatLM project?"}]   # not in the data
+    before = LLM.load(smollm2_dir, device="cpu").chat(question, max_new_tokens=24, temperature=0)
+    assert "Pim" not in before
+    out = run("smollm2_135m_lora.yaml", f"checkpoint_dir={smollm2_dir}", f"out_dir={tmp_path}", f"data.path={FACTS}",
+              "max_steps=40", "eval_interval=0")
+    llm = LLM.load(out, device="cpu")
+    after = llm.chat(question, max_new_tokens=24, temperature=0)
+    assert "Pim" in after, after
+    # exported to HF format, transformers gives the same greedy answer
+    convert_hf.native_to_hf(out, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = llm.tokenizer.encode_chat(question)
+    with torch.no_grad():
+        new = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    stop = next((i for i, t in enumerate(new) if t in llm.tokenizer.eos_ids), len(new))
+    assert llm.tokenizer.decode(new[:stop]) == after

@@ -51,6 +51,12 @@ def seed_for(*key):
     return int(np.random.SeedSequence([k % 2**64 for k in key]).generate_state(1, np.uint64)[0])
 
 
+def note(line):
+    """A line on stderr, once per job: under torchrun every process builds the same data, and only rank 0 says so."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+
+
 class Progress:
     """A progress line on stderr: "prepare: 120/512 docs, 3.1M tokens, 4 s". On a terminal one line rewrites itself
     at most once a second; in a log, a new line every 10 s."""
@@ -78,7 +84,8 @@ class Progress:
         if self.tty:
             self.width = max(self.width, len(line))
             line = "\r" + line.ljust(self.width)
-        print(line, end=end, file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print(line, end=end, file=sys.stderr, flush=True)
 
 
 def rank_share(global_batch_size, micro_batch_size, rank, world_size):
@@ -535,11 +542,10 @@ def tokenize_records(records, tokenizer, max_seq_len, use_template, split):
         progress.update(k + 1)
     progress.close(len(records))
     if truncated:
-        print(f"data: {split}: {truncated} of {len(records)} examples truncated to {max_seq_len} tokens",
-              file=sys.stderr)
+        note(f"data: {split}: {truncated} of {len(records)} examples truncated to {max_seq_len} tokens")
     if dropped:
-        print(f"data: {split}: {dropped} of {len(records)} examples dropped: no response tokens left after "
-              "truncation", file=sys.stderr)
+        note(f"data: {split}: {dropped} of {len(records)} examples dropped: no response tokens left after "
+             "truncation")
     return examples
 
 

@@ -3,6 +3,7 @@ driven by a YAML recipe, on one device or many.
 
     python train.py recipes/X.yaml [key=value ...]                    # dotted keys override nested ones
     torchrun --nproc_per_node=N train.py recipes/X.yaml [key=value ...]   # FSDP2 across N processes
+    python train.py consolidate OUT_DIR/checkpoints/step-000100 OUT      # a training checkpoint -> native dir
 
 Read it top to bottom: the recipe, distributed setup, the model and its method, data, the optimizer and LR
 schedule, checkpoints (resumable, atomic), the loop, and the final checkpoint in out_dir/final/.
@@ -17,6 +18,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -332,12 +334,10 @@ def shard_model(model, recipe: Recipe, env: Env):
         mesh = init_device_mesh(device_type, (env.world_size,), mesh_dim_names=("shard",))
     mixed = recipe.precision in ("bf16-mixed", "16-mixed")
     half = torch.bfloat16 if recipe.precision == "bf16-mixed" else torch.float16
-    kwargs = dict(mesh=mesh,
-                  mp_policy=MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if mixed else
-                  MixedPrecisionPolicy(),
-                  offload_policy=CPUOffloadPolicy() if recipe.distributed.cpu_offload else None)
-    if kwargs["offload_policy"] is None:
-        del kwargs["offload_policy"]
+    kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if mixed
+                  else MixedPrecisionPolicy())
+    if recipe.distributed.cpu_offload and device_type != "cpu":         # on a CPU everything is offloaded already
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     # bitsandbytes' 4-bit weights are not plain tensors FSDP can shard: every process keeps them whole (they are
     # small and frozen); everything else is sharded.
     ignored = {p for p in model.parameters() if type(p).__name__ == "Params4bit"} or None
@@ -476,40 +476,55 @@ def resume_path(recipe: Recipe) -> Path | None:
 
 
 def load_training_state(model, optimizer, path: Path) -> int:
+    """Load a checkpoint's weights (and, given an optimizer, its state) on any number of processes; -> its step."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict, StateDictOptions)
-    state = {"model": trainable_state(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    state = {"model": trainable_state(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     with single_process_quiet():
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return json.loads((path / "meta.json").read_text())["step"]
 
 
-def save_final(model, recipe: Recipe, config, tokenizer_dir, env: Env):
-    """out_dir/final/: a native checkpoint dir that LLM.load and convert_hf.py --to-hf read. LoRA is merged into
-    the full-precision base weights, with the adapter file beside them."""
+def save_final(model, recipe: Recipe, out: Path, env: Env):
+    """A native checkpoint dir that LLM.load and convert_hf.py --to-hf read: the gathered weights (pretrain, full),
+    or LoRA merged into the checkpoint's full-precision weights with the adapter file beside them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    out = Path(recipe.out_dir) / "final"
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)   # gathered on rank 0 only
-    if recipe.method in ("pretrain", "full"):
-        state = get_model_state_dict(model, options=options)
-        if env.main:
-            models.save(state, config, out, tokenizer_dir)
-    else:
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.main and recipe.method in ("pretrain", "full"):             # gathered on rank 0 only
+        _, config = model_config(recipe)
+        models.save(state, config, out, recipe.tokenizer_dir or recipe.checkpoint_dir)
+    elif env.main:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
-        state = {k: v for k, v in get_model_state_dict(model, options=options).items() if k in names}
-        if env.main:
-            adapter = Path(recipe.out_dir) / "adapter.safetensors"
-            settings = dict(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
-                            targets=recipe.lora.targets, head=recipe.lora.head) if recipe.method != "adapter" else dict(
-                prompt_len=recipe.adapter.prompt_len, n_layers=recipe.adapter.n_layers)
-            finetune_lora.save_adapter_state(state, adapter, kind="llama-adapter" if recipe.method == "adapter"
-                                             else "lora", **settings)
+        kind, settings = ("lora", dict(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+                                        targets=recipe.lora.targets, head=recipe.lora.head))
+        if recipe.method == "adapter":
+            kind, settings = "llama-adapter", dict(prompt_len=recipe.adapter.prompt_len,
+                                                   n_layers=recipe.adapter.n_layers)
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter = Path(tmp) / "adapter.safetensors"
+            finetune_lora.save_adapter_state({k: v for k, v in state.items() if k in names}, adapter, kind=kind,
+                                             **settings)
             finetune_lora.merge_checkpoint(recipe.checkpoint_dir, adapter, out)
     barrier(env)
     return out
+
+
+def consolidate(checkpoint, out_dir):
+    """A resumable (possibly sharded) training checkpoint -> a native checkpoint dir, on one process."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "meta.json").is_file():
+        raise FileNotFoundError(f"{checkpoint / 'meta.json'} not found: not a training checkpoint dir")
+    recipe = build(Recipe, json.loads((checkpoint / "meta.json").read_text())["recipe"])
+    env = Env()
+    model = apply_method(build_model(recipe, env), recipe)
+    load_training_state(model, None, checkpoint)
+    return save_final(model, recipe, Path(out_dir), env)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -732,8 +747,7 @@ def train(recipe: Recipe, env: Env):
             save_training_state(model, optimizer, done, recipe, env)
     logger.close()
     save_training_state(model, optimizer, recipe.max_steps, recipe, env)
-    _, config = model_config(recipe)
-    final = save_final(model, recipe, config, tokenizer_dir, env)
+    final = save_final(model, recipe, out_dir / "final", env)
     log(env, f"wrote {final}")
     return final
 
@@ -743,11 +757,14 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[1] if argv else __doc__, file=sys.stderr)
         sys.exit(0 if argv else 2)
-    env = Env()
     try:
+        if argv[0] == "consolidate":
+            if len(argv) != 3:
+                raise RecipeError("usage: python train.py consolidate CHECKPOINT OUT_DIR")
+            print(f"wrote {consolidate(argv[1], argv[2])}", file=sys.stderr)
+            return
         recipe = load_recipe(argv[0], argv[1:])
-        env = setup_env()
-        train(recipe, env)
+        train(recipe, setup_env())
     except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -216,10 +216,13 @@ def tpu_available() -> bool:
 
 
 def setup_env() -> Env:
-    if tpu_available():
-        import torch_xla.core.xla_model as xm
+    if tpu_available():       # one process per TPU chip, started by torchrun (or torch_xla's launcher)
+        import torch_xla
+        import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" process-group backend)
         import torch_xla.runtime as xr
-        return Env(xr.global_ordinal(), xr.world_size(), xr.local_ordinal(), xm.xla_device(), xla=True)
+        if "RANK" in os.environ:
+            dist.init_process_group("xla", init_method="xla://")
+        return Env(xr.global_ordinal(), xr.world_size(), xr.local_ordinal(), torch_xla.device(), xla=True)
     if "RANK" not in os.environ:
         return Env(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -347,6 +350,16 @@ def shard_model(model, recipe: Recipe, env: Env):
     return model
 
 
+def shard_model_xla(model, recipe: Recipe):
+    """torch_xla's FSDP: the same per-block-then-root wrapping, with XLA's own wrapper class. (Written to torch_xla's
+    documented API; not run in this project's CI, which has no TPU.)"""
+    from torch_xla.distributed.fsdp import XlaFullyShardedDataParallel as XlaFSDP
+    kwargs = {"compute_dtype": torch.bfloat16} if recipe.precision == "bf16-mixed" else {}
+    for i, block in enumerate(model.layers):
+        model.layers[i] = XlaFSDP(block, **kwargs)
+    return XlaFSDP(model, **kwargs)
+
+
 def copy_weights(model, state: dict, dtype):
     """Copy full tensors (memory-mapped checkpoint tensors, or adapter init values) into the model's parameters.
     A sharded parameter takes only its own rows, so with memory-mapped sources no process reads or holds the
@@ -390,7 +403,10 @@ def build_data(recipe: Recipe, tokenizer: Tokenizer, env: Env):
 
 
 def barrier(env: Env):
-    if env.world_size > 1 and not env.xla:
+    if env.xla:
+        import torch_xla.core.xla_model as xm
+        xm.rendezvous("barrier")
+    elif env.world_size > 1:
         dist.barrier()
 
 
@@ -512,6 +528,29 @@ def save_final(model, recipe: Recipe, out: Path, env: Env):
                                              **settings)
             finetune_lora.merge_checkpoint(recipe.checkpoint_dir, adapter, out)
     barrier(env)
+    return out
+
+
+def save_final_xla(model, recipe: Recipe, out: Path, env: Env):
+    """The final checkpoint on TPU: each process saves its XLA FSDP shard, rank 0 consolidates them and writes the
+    same native dir as save_final. (Written to torch_xla's documented API; not run here: no TPU.)"""
+    import torch_xla.core.xla_model as xm
+    with tempfile.TemporaryDirectory(dir=recipe.out_dir) as tmp:
+        if env.world_size > 1:
+            from torch_xla.distributed.fsdp import consolidate_sharded_model_checkpoints
+            xm.save({"model": model.state_dict(), "shard_metadata": model.get_shard_metadata()},
+                    f"{tmp}/rank-{env.rank:05d}.pth", master_only=False)
+            xm.rendezvous("saved shards")
+            if env.main:
+                consolidate_sharded_model_checkpoints(f"{tmp}/rank-", "*.pth", f"{tmp}/full.pth")
+                state = torch.load(f"{tmp}/full.pth", map_location="cpu", weights_only=True)["model"]
+        else:
+            state = {k: v.cpu() for k, v in model.state_dict().items()}
+        if env.main:
+            cpu_model = apply_method(build_model(recipe, Env()), recipe)    # the same layout on the CPU
+            copy_weights(cpu_model, state, param_dtype(recipe.precision))
+            save_final(cpu_model, recipe, out, Env())
+        xm.rendezvous("final checkpoint")
     return out
 
 
@@ -656,7 +695,10 @@ def train(recipe: Recipe, env: Env):
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
-    model = build_model(recipe, env)
+    if env.xla and (recipe.save_interval or recipe.resume):
+        raise RecipeError("resumable checkpoints (save_interval, resume) are not supported on TPU yet; "
+                          "the final checkpoint is")
+    model = build_model(recipe, env) if not env.xla else build_model(recipe, Env())   # XLA: built on the CPU
     tokenizer_dir = recipe.tokenizer_dir or recipe.checkpoint_dir
     if not tokenizer_dir:
         raise RecipeError("method pretrain needs tokenizer_dir (a checkpoint dir whose tokenizer to use)")
@@ -666,7 +708,12 @@ def train(recipe: Recipe, env: Env):
         # quantizes; those frozen 4-bit weights then stay whole on every process, the rest is sharded.
         model = models.load(recipe.checkpoint_dir, device=env.device, dtype=param_dtype(recipe.precision))
     apply_method(model, recipe)
-    if env.world_size > 1:
+    if env.xla:
+        copy_weights(model, adapter_init_state(model, recipe.seed), param_dtype(recipe.precision))
+        model = model.to(env.device)
+        if env.world_size > 1:
+            model = shard_model_xla(model, recipe)
+    elif env.world_size > 1:
         shard_model(model, recipe, env)
         if recipe.method != "qlora":
             model.to_empty(device=env.device)
@@ -676,7 +723,7 @@ def train(recipe: Recipe, env: Env):
         elif recipe.method != "qlora":
             state = models.load_state_dict(recipe.checkpoint_dir)       # memory-mapped: nothing read yet
             copy_weights(model, state, param_dtype(recipe.precision))
-    if recipe.method in ("lora", "qlora", "adapter"):
+    if recipe.method in ("lora", "qlora", "adapter") and not env.xla:
         copy_weights(model, adapter_init_state(model, recipe.seed), param_dtype(recipe.precision))
     model.train()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -716,23 +763,28 @@ def train(recipe: Recipe, env: Env):
         total = 0.0
         for i, (x, y) in enumerate(batches):
             x, y = x.to(env.device), y.to(env.device)
-            if env.world_size > 1:
+            if env.world_size > 1 and not env.xla:
                 model.set_requires_gradient_sync(i == len(batches) - 1)
             loss = loss_sum(model, x, y, recipe, env) / n_targets
             scaler.scale(loss * env.world_size).backward()
             total += loss.item()
         scaler.unscale_(optimizer)
         if recipe.optimizer.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, recipe.optimizer.grad_clip)
+            if env.xla and env.world_size > 1:
+                model.clip_grad_norm_(recipe.optimizer.grad_clip)          # XLA FSDP's norm over all shards
+            else:
+                torch.nn.utils.clip_grad_norm_(trainable, recipe.optimizer.grad_clip)
         if env.xla:
             import torch_xla.core.xla_model as xm
-            xm.optimizer_step(optimizer)
+            if env.world_size > 1:
+                optimizer.step()                        # XLA FSDP has reduce-scattered the gradients already
+            else:
+                xm.optimizer_step(optimizer)
+            xm.mark_step()                              # run the traced step on the TPU
         else:
             scaler.step(optimizer)
-        scaler.update()
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if env.xla:
-            xm.mark_step()
         loss_value = all_reduce_sum(total, env)
         dt = time.perf_counter() - t0
         done = step + 1
@@ -746,8 +798,11 @@ def train(recipe: Recipe, env: Env):
         if recipe.save_interval and done % recipe.save_interval == 0 and done < recipe.max_steps:
             save_training_state(model, optimizer, done, recipe, env)
     logger.close()
-    save_training_state(model, optimizer, recipe.max_steps, recipe, env)
-    final = save_final(model, recipe, out_dir / "final", env)
+    if env.xla:
+        final = save_final_xla(model, recipe, out_dir / "final", env)
+    else:
+        save_training_state(model, optimizer, recipe.max_steps, recipe, env)
+        final = save_final(model, recipe, out_dir / "final", env)
     log(env, f"wrote {final}")
     return final
 

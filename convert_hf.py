@@ -168,8 +168,9 @@ def main(argv=None):
             config = native_to_hf(args.src, args.out, dtype)
         elif args.src.endswith(".gguf"):
             with tempfile.TemporaryDirectory() as tmp:
-                gguf_to_hf(args.src, Path(tmp) / Path(args.src).stem)
-                config = hf_to_native(Path(tmp) / Path(args.src).stem, args.out, dtype)
+                hf_dir = Path(tmp) / Path(args.out).name          # the model's name: the output dir's
+                gguf_to_hf(args.src, hf_dir)
+                config = hf_to_native(hf_dir, args.out, dtype)
         else:
             config = hf_to_native(args.src, args.out, dtype)
     except (ValueError, FileNotFoundError) as e:

@@ -64,6 +64,32 @@ def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor, atol: float = 
     assert diff <= atol, f"max abs logits diff {diff:.3g} > {atol}"
 
 
+def preset_parameter_count(module, name: str) -> int:
+    """Parameters of a model file's preset, built on the meta device (a tied head counted once)."""
+    with torch.device("meta"):
+        model = module.Transformer(module.Config.from_name(name))
+    return sum(p.numel() for p in model.parameters())
+
+
+def quantization_error(model, mode: str, vocab_size: int) -> float:
+    """Relative error of the logits once models.quantize(model, mode) has run, against the same model before.
+    A tiny random model is the worst case for 4 bit (no trained, outlier-free weights); an unrelated model scores
+    about 1.4. test_generate.py measures agreement on the real checkpoint."""
+    idx = torch.randint(0, vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(idx)
+        models.quantize(model, mode)
+        out = model(idx)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def assert_cache_matches_full_forward(model, idx: torch.Tensor, prefill: int = 7):
+    """Prefill then token-by-token decoding through the KV cache gives the logits of one full forward."""
+    with torch.no_grad():
+        full = model(idx)
+    assert_logits_close(cached_decode_logits(model, idx, prefill), full, atol=1e-5)
+
+
 def cached_decode_logits(model, idx: torch.Tensor, prefill: int) -> torch.Tensor:
     """Logits from prefilling idx[:, :prefill] and then decoding the rest one token at a time with the KV cache."""
     B, T = idx.shape

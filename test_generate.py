@@ -95,9 +95,8 @@ def test_eos_stops_generation(llm):
 
 @pytest.mark.slow
 def test_stream_pieces_join_to_the_generated_text(llm):
-    kwargs = dict(max_new_tokens=40, temperature=0.9, top_k=50, seed=3)
-    assert "".join(llm.stream("Emoji and accents: 😀 café", **kwargs)) == llm.generate("Emoji and accents: 😀 café",
-                                                                                       **kwargs)
+    prompt, kwargs = "Emoji and accents: 😀 café", dict(max_new_tokens=40, temperature=0.9, top_k=50, seed=3)
+    assert "".join(llm.stream(prompt, **kwargs)) == llm.generate(prompt, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qw
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import convert_hf
-import models
-from conftest import assert_logits_close, cached_decode_logits, convert_and_load, hub_style, perturb_, save_hf
+from conftest import (assert_cache_matches_full_forward, assert_logits_close, convert_and_load, hub_style, perturb_,
+                      preset_parameter_count, quantization_error, save_hf)
 from models import qwen
 
 TINY = dict(vocab_size=120, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -60,9 +60,7 @@ def test_logits_match_hf(case, style, tmp_path):
 def test_kv_cache_decoding_equals_full_forward(case, tmp_path):
     ours = convert_and_load(save_hf(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
     idx = torch.randint(0, TINY["vocab_size"], (2, 40))
-    with torch.no_grad():
-        full = ours(idx)
-    assert_logits_close(cached_decode_logits(ours, idx, prefill=7), full, atol=1e-5)
+    assert_cache_matches_full_forward(ours, idx, prefill=7)
 
 
 @pytest.mark.parametrize("case", ["qwen2_window", "qwen3_mqa_tied", "qwen3_yarn"])
@@ -189,10 +187,8 @@ HEAD_STORED_TWICE = {"Qwen3-0.6B", "Qwen3-1.7B"}
 @pytest.mark.parametrize("name", list(PUBLISHED_PARAMS))
 def test_presets_have_the_published_parameter_count(name):
     config = qwen.Config.from_name(name)
-    with torch.device("meta"):
-        model = qwen.Transformer(config)
     stored_head = config.vocab_size * config.dim if name in HEAD_STORED_TWICE else 0
-    assert sum(p.numel() for p in model.parameters()) + stored_head == PUBLISHED_PARAMS[name]
+    assert preset_parameter_count(qwen, name) + stored_head == PUBLISHED_PARAMS[name]
 
 
 def test_every_preset_builds_on_meta():
@@ -205,13 +201,6 @@ def test_every_preset_builds_on_meta():
 @pytest.mark.parametrize("case", ["qwen2_gqa", "qwen3_mha_bias"])
 @pytest.mark.parametrize("mode", ["int8", "nf4", "fp4", "bnb.int8"])
 def test_quantized_model_stays_close(mode, case, tmp_path):
-    # Relative error of the logits against fp32. A tiny random model is the worst case for 4 bit (no outlier-free
-    # trained weights): these score 0.3-0.6 over seeds, an unrelated model ~1.4; int8 scores ~0.02.
     ours = convert_and_load(save_hf(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
-    idx = torch.randint(0, TINY["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = ours(idx)
-        models.quantize(ours, mode)
-        out = ours(idx)
-    rel = ((out - ref).norm() / ref.norm()).item()
+    rel = quantization_error(ours, mode, TINY["vocab_size"])
     assert rel < {"int8": 0.05, "bnb.int8": 0.05, "nf4": 0.7, "fp4": 0.7}[mode]

@@ -77,7 +77,8 @@ class Config:
         elif kind == "linear":
             scaling = {"type": "linear", "factor": rope["factor"]}
         else:
-            raise ValueError(f"rope type {kind!r} is not supported by models/llama.py; supported: default, llama3, linear")
+            raise ValueError(f"rope type {kind!r} is not supported by models/llama.py; "
+                             f"supported: default, llama3, linear")
         sliding_window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         n_head = hf["num_attention_heads"]
         return cls(

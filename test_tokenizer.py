@@ -650,3 +650,17 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="supported") as e:
         Tokenizer(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_byte_tokenizer_is_the_committed_one_and_matches_tokenizers(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizer import write_byte_tokenizer
+    made = write_byte_tokenizer(tmp_path / "bytes")
+    committed = Path(__file__).parent / "recipes" / "tokenizers" / "bytes"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (made / name).read_text() == (committed / name).read_text()
+    text = "ROMEO.\nBut soft, what light through yonder window breaks? Café 😀<|endoftext|>"
+    tok = Tokenizer(made)
+    assert tok.encode(text) == HFTokenizer.from_file(str(made / "tokenizer.json")).encode(text).ids
+    assert tok.encode("ab") == [97, 98] and tok.vocab_size == 257 and tok.eos_ids == [256]
+    assert tok.decode(tok.encode(text)) == text

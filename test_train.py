@@ -40,13 +40,13 @@ def tiny_lora(tiny_dir, out_dir, *overrides):
 # Methods
 
 
-def test_pretraining_loss_falls_on_shakespeare(smollm2_dir, shakespeare_dir, tmp_path):
-    out = run("pretrain_shakespeare.yaml", f"tokenizer_dir={smollm2_dir}", f"data.path={shakespeare_dir}",
-              f"out_dir={tmp_path}", "max_steps=40", "data.max_seq_len=64", "global_batch_size=8",
-              "micro_batch_size=8", "log_interval=1", "save_interval=0", "eval_interval=0")
+def test_pretraining_loss_falls_on_shakespeare(shakespeare_dir, tmp_path):
+    out = run("pretrain_shakespeare.yaml", f"data.path={shakespeare_dir}", f"out_dir={tmp_path}", "max_steps=60",
+              "data.max_seq_len=64", "global_batch_size=8", "micro_batch_size=8", "log_interval=1",
+              "save_interval=0", "eval_interval=0")
     loss = losses(tmp_path)
-    assert loss[1] > 10 and loss[40] < loss[1] - 3, loss           # from ln(49152) = 10.8 towards English
-    assert losses(tmp_path, "val_loss")[40] < loss[1] - 3
+    assert loss[1] > 5 and loss[60] < 3.2, loss      # from ln(257) = 5.55 to below a unigram model of the plays
+    assert losses(tmp_path, "val_loss")[60] < 3.2
     llm = LLM.load(out, device="cpu")
     assert len(llm.generate("ROMEO.", max_new_tokens=8, temperature=0)) > 0
 

@@ -556,6 +556,29 @@ class Tokenizer:
         return self.encode(text, bos=False, eos=False)  # the template writes its own special tokens
 
 
+def write_byte_tokenizer(out_dir):
+    """Write a tokenizer whose tokens are the 256 bytes plus <|endoftext|> (id 256): HF's byte-level BPE format with
+    no merges. Character-level models use it (recipes/pretrain_shakespeare.yaml, via recipes/tokenizers/bytes)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chars = bytes_to_unicode()
+    eot = {"id": 256, "content": "<|endoftext|>", "single_word": False, "lstrip": False, "rstrip": False,
+           "normalized": False, "special": True}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [eot], "normalizer": None,
+        "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {**{chars[b]: b for b in range(256)}, "<|endoftext|>": 256}, "merges": []},
+    }
+    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False, indent=1) + "\n")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|endoftext|>",
+              "pad_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return out_dir
+
+
 def is_tiktoken_file(path):
     # Meta's tiktoken file is text, "base64-token rank" per line; a SentencePiece model is binary protobuf
     with open(path, "rb") as f:

@@ -272,20 +272,18 @@ def model_config(recipe: Recipe):
     return models.read_config(recipe.checkpoint_dir)
 
 
-def build_model(recipe: Recipe, env: Env):
+def build_model(recipe: Recipe, device, meta: bool = False):
+    """The model before its method: a preset at random init (pretrain) or the checkpoint, memory-mapped; or, with
+    meta=True, only its shapes (under FSDP each process fills its own shards afterwards)."""
     m, config = model_config(recipe)
-    dtype = param_dtype(recipe.precision)
-    if recipe.method == "pretrain":
-        torch.manual_seed(recipe.seed)                                    # the same init on every process
-        with torch.device("meta" if env.world_size > 1 else env.device):
-            model = m.Transformer(config)
-        if env.world_size == 1:
-            model.to(dtype)
-        return model
-    if env.world_size > 1:                       # each process loads only its shard later (load_sharded_weights)
+    if meta:
         with torch.device("meta"):
             return m.Transformer(config)
-    return models.load(recipe.checkpoint_dir, device=env.device, dtype=dtype)
+    if recipe.method == "pretrain":
+        torch.manual_seed(recipe.seed)
+        with torch.device(device):
+            return m.Transformer(config).to(param_dtype(recipe.precision))
+    return models.load(recipe.checkpoint_dir, device=device, dtype=param_dtype(recipe.precision))
 
 
 def apply_method(model, recipe: Recipe):
@@ -379,6 +377,33 @@ def copy_weights(model, state: dict, dtype):
                         full = full.narrow(placement.dim, start, min(rows, size - start))
                 param = param.to_local()
             param.copy_(full.to(dtype) if full.is_floating_point() and param.is_floating_point() else full)
+
+
+def prepare_model(recipe: Recipe, env: Env):
+    """The model to train, on its device(s), with its method applied and every weight at its starting value.
+    One process: built or memory-mapped straight onto the device. FSDP: built on the meta device, sharded, then
+    each process fills only its own rows (QLoRA quantizes real weights, so it loads them whole first). TPU: built
+    on the CPU, moved to the XLA device and wrapped by XLA's FSDP."""
+    dtype = param_dtype(recipe.precision)
+    fsdp = env.world_size > 1 and not env.xla
+    on_meta = fsdp and recipe.method != "qlora"
+    model = apply_method(build_model(recipe, "cpu" if env.xla else env.device, meta=on_meta), recipe)
+    if fsdp:
+        shard_model(model, recipe, env)
+    if on_meta:
+        model.to_empty(device=env.device)
+        if recipe.method == "pretrain":
+            with torch.no_grad():
+                model.apply(model._init_weights)                          # sharded random init, seeded alike
+        else:
+            copy_weights(model, models.load_state_dict(recipe.checkpoint_dir), dtype)
+    if recipe.method in ("lora", "qlora", "adapter"):
+        copy_weights(model, adapter_init_state(model, recipe.seed), dtype)
+    if env.xla:
+        model = model.to(env.device)
+        if env.world_size > 1:
+            model = shard_model_xla(model, recipe)
+    return model.train()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -547,7 +572,7 @@ def save_final_xla(model, recipe: Recipe, out: Path, env: Env):
         else:
             state = {k: v.cpu() for k, v in model.state_dict().items()}
         if env.main:
-            cpu_model = apply_method(build_model(recipe, Env()), recipe)    # the same layout on the CPU
+            cpu_model = apply_method(build_model(recipe, "cpu"), recipe)   # the same layout on the CPU
             copy_weights(cpu_model, state, param_dtype(recipe.precision))
             save_final(cpu_model, recipe, out, Env())
         xm.rendezvous("final checkpoint")
@@ -561,7 +586,7 @@ def consolidate(checkpoint, out_dir):
         raise FileNotFoundError(f"{checkpoint / 'meta.json'} not found: not a training checkpoint dir")
     recipe = build(Recipe, json.loads((checkpoint / "meta.json").read_text())["recipe"])
     env = Env()
-    model = apply_method(build_model(recipe, env), recipe)
+    model = apply_method(build_model(recipe, "cpu"), recipe)
     load_training_state(model, None, checkpoint)
     return save_final(model, recipe, Path(out_dir), env)
 
@@ -698,34 +723,11 @@ def train(recipe: Recipe, env: Env):
     if env.xla and (recipe.save_interval or recipe.resume):
         raise RecipeError("resumable checkpoints (save_interval, resume) are not supported on TPU yet; "
                           "the final checkpoint is")
-    model = build_model(recipe, env) if not env.xla else build_model(recipe, Env())   # XLA: built on the CPU
     tokenizer_dir = recipe.tokenizer_dir or recipe.checkpoint_dir
     if not tokenizer_dir:
         raise RecipeError("method pretrain needs tokenizer_dir (a checkpoint dir whose tokenizer to use)")
+    model = prepare_model(recipe, env)
     tokenizer = Tokenizer(tokenizer_dir)
-    if env.world_size > 1 and recipe.method == "qlora":
-        # QLoRA's 4-bit weights are made from the full-precision ones: each process loads them (memory-mapped) and
-        # quantizes; those frozen 4-bit weights then stay whole on every process, the rest is sharded.
-        model = models.load(recipe.checkpoint_dir, device=env.device, dtype=param_dtype(recipe.precision))
-    apply_method(model, recipe)
-    if env.xla:
-        copy_weights(model, adapter_init_state(model, recipe.seed), param_dtype(recipe.precision))
-        model = model.to(env.device)
-        if env.world_size > 1:
-            model = shard_model_xla(model, recipe)
-    elif env.world_size > 1:
-        shard_model(model, recipe, env)
-        if recipe.method != "qlora":
-            model.to_empty(device=env.device)
-        if recipe.method == "pretrain":
-            with torch.no_grad():
-                model.apply(model._init_weights)                        # sharded random init, the same seed
-        elif recipe.method != "qlora":
-            state = models.load_state_dict(recipe.checkpoint_dir)       # memory-mapped: nothing read yet
-            copy_weights(model, state, param_dtype(recipe.precision))
-    if recipe.method in ("lora", "qlora", "adapter") and not env.xla:
-        copy_weights(model, adapter_init_state(model, recipe.seed), param_dtype(recipe.precision))
-    model.train()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(env, f"{recipe.method}: {n_trainable:,} trainable parameters; {env.world_size} process(es) on "
              f"{env.device.type}; precision {recipe.precision}")

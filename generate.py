@@ -176,6 +176,12 @@ class LLM:
         if compile:
             self.decode_fn = torch.compile(decode_one_token, fullgraph=True,
                                            mode="reduce-overhead" if self.device.type == "cuda" else None)
+            self.setup_cache(1)                  # compile now (a throwaway step at position 0), not in the stats
+            with torch.inference_mode():
+                token, pos = torch.zeros(1, 1, dtype=torch.long, device=self.device), torch.zeros(1, dtype=torch.long,
+                                                                                              device=self.device)
+                for _ in range(2):
+                    self.decode_fn(model, token, pos, Sampling())
 
     @classmethod
     def load(cls, checkpoint_dir, device=None, dtype=None, quantize=None, compile=False) -> "LLM":
@@ -318,7 +324,8 @@ def main(argv=None):
     p.add_argument("--quantize", choices=["int8", "nf4", "fp4", "bnb.int8"])
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's dtype")
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (worth it on GPUs; on small CPUs eager decoding is faster)")
     args = p.parse_args(argv)
     try:
         llm = LLM.load(args.checkpoint_dir, args.device, args.dtype, args.quantize, args.compile)

@@ -240,7 +240,7 @@ class LLM:
         if seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
         self.stats = Stats(prompt_tokens=len(prompt_ids))
-        decoder = self.tokenizer.stream_decoder()
+        decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)   # as HF pipelines print text
         for token_id in generate_tokens(self.model, prompt_ids, max_new_tokens, s, self.tokenizer.eos_ids,
                                         generator, self.decode_fn, self.stats):
             piece = decoder.add(token_id)

@@ -703,7 +703,7 @@ def loss_sum(model, x, y, recipe, env):
 
 
 @torch.no_grad()
-def evaluate(model, data, recipe: Recipe, env: Env) -> float:
+def evaluate(model, data, recipe: Recipe, env: Env) -> float | None:
     model.eval()
     total = count = 0.0
     for x, y in data.val_batches(recipe.micro_batch_size, recipe.eval_batches, env.rank, env.world_size):
@@ -712,7 +712,7 @@ def evaluate(model, data, recipe: Recipe, env: Env) -> float:
         count += (y != -100).sum().item()
     model.train()
     total, count = all_reduce_sum(total, env), all_reduce_sum(count, env)
-    return total / max(count, 1)
+    return total / count if count else None                           # None: there is no validation data
 
 
 def train(recipe: Recipe, env: Env):
@@ -796,7 +796,8 @@ def train(recipe: Recipe, env: Env):
                        mfu=tps / env.world_size * fpt / peak if peak else None, peak_mem_gib=peak_memory_gib(env))
         if done == recipe.max_steps or recipe.eval_interval and done % recipe.eval_interval == 0:
             val = evaluate(model, data, recipe, env)
-            logger.row(done, val_loss=val, val_ppl=math.exp(min(val, 50)))
+            if val is not None:
+                logger.row(done, val_loss=val, val_ppl=math.exp(min(val, 50)))
         if recipe.save_interval and done % recipe.save_interval == 0 and done < recipe.max_steps:
             save_training_state(model, optimizer, done, recipe, env)
     logger.close()

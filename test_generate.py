@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoModelForCausalLM
 
-from generate import LLM, Sampling, sample
+from generate import LLM, Sampling, generate_tokens, sample
 
 ROOT = Path(__file__).parent
 PROMPTS = [
@@ -179,3 +179,45 @@ def test_cli_errors_are_one_line(args, fragment, tiny_dir):
 def test_cli_missing_checkpoint(tmp_path):
     r = cli(tmp_path / "missing", "--prompt", "x")
     assert r.returncode == 1 and str(tmp_path / "missing") in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every family through LLM: greedy decoding (KV cache, sliding windows past their width) equals HF generate
+
+
+def family_models():
+    from transformers import (Gemma2ForCausalLM, Gemma2Config, Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig,
+                              MistralForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
+    base = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return {
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**base, sliding_window=8)),
+        "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**base, head_dim=16, sliding_window=8)),
+        "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**base, head_dim=16, sliding_window=8)),
+        "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**base, head_dim=16)),
+        "phi": lambda: PhiForCausalLM(PhiConfig(**base)),
+        "phi3": lambda: Phi3ForCausalLM(Phi3Config(**base, sliding_window=8)),
+    }
+
+
+@pytest.mark.parametrize("family", list(family_models()))
+def test_every_family_decodes_like_hf_generate(family, smollm2_hf_dir, tmp_path):
+    import convert_hf
+    from conftest import perturb_
+    torch.manual_seed(0)
+    hf = perturb_(family_models()[family]().eval(), scale=0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tmp_path / "hf" / name).write_bytes((smollm2_hf_dir / name).read_bytes())
+    convert_hf.hf_to_native(tmp_path / "hf", tmp_path / "native")
+    llm = LLM.load(tmp_path / "native", device="cpu")
+    ids = llm.tokenizer.encode("Once upon a time")
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, eos_token_id=None)
+    llm.setup_cache(len(ids) + 30)
+    with torch.inference_mode():
+        ours = list(generate_tokens(llm.model, ids, 30, Sampling(), (), None, llm.decode_fn))
+    assert ours == ref[0, len(ids):].tolist()
+    quantized = LLM.load(tmp_path / "native", device="cpu", quantize="int8")   # runs; random weights decide ties
+    assert isinstance(quantized.generate("Once upon a time", max_new_tokens=5, temperature=0), str)

@@ -176,12 +176,11 @@ class LLM:
         if compile:
             self.decode_fn = torch.compile(decode_one_token, fullgraph=True,
                                            mode="reduce-overhead" if self.device.type == "cuda" else None)
-            self.setup_cache(1)                  # compile now (a throwaway step at position 0), not in the stats
+            self.setup_cache(1)                  # compile now, on a throwaway step at position 0, not in the stats
+            zero = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             with torch.inference_mode():
-                token, pos = torch.zeros(1, 1, dtype=torch.long, device=self.device), torch.zeros(1, dtype=torch.long,
-                                                                                              device=self.device)
                 for _ in range(2):
-                    self.decode_fn(model, token, pos, Sampling())
+                    self.decode_fn(model, zero, zero[0], Sampling())
 
     @classmethod
     def load(cls, checkpoint_dir, device=None, dtype=None, quantize=None, compile=False) -> "LLM":

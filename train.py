@@ -762,14 +762,14 @@ def train(recipe: Recipe, env: Env):
         # gradients over processes, so multiply back by the number of processes.
         n_targets = all_reduce_sum(sum((y != -100).sum().item() for _, y in batches), env)
         n_tokens = all_reduce_sum(sum(y.numel() for _, y in batches), env)
-        total = 0.0
+        total = torch.zeros((), device=env.device)                       # read once per step: no sync per micro-batch
         for i, (x, y) in enumerate(batches):
             x, y = x.to(env.device), y.to(env.device)
             if env.world_size > 1 and not env.xla:
                 model.set_requires_gradient_sync(i == len(batches) - 1)
             loss = loss_sum(model, x, y, recipe, env) / n_targets
             scaler.scale(loss * env.world_size).backward()
-            total += loss.item()
+            total += loss.detach()
         scaler.unscale_(optimizer)
         if recipe.optimizer.grad_clip > 0:
             if env.xla and env.world_size > 1:
@@ -787,7 +787,7 @@ def train(recipe: Recipe, env: Env):
             scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = all_reduce_sum(total, env)
+        loss_value = all_reduce_sum(total.item(), env)
         dt = time.perf_counter() - t0
         done = step + 1
         if done % recipe.log_interval == 0 or done == recipe.max_steps:

@@ -90,17 +90,70 @@ def assert_cache_matches_full_forward(model, idx: torch.Tensor, prefill: int = 7
     assert_logits_close(cached_decode_logits(model, idx, prefill), full, atol=1e-5)
 
 
-def cached_decode_logits(model, idx: torch.Tensor, prefill: int) -> torch.Tensor:
-    """Logits from prefilling idx[:, :prefill] and then decoding the rest one token at a time with the KV cache."""
+def cached_decode_logits(model, idx: torch.Tensor, prefill: int, cache_len: int | None = None,
+                         step: int = 1) -> torch.Tensor:
+    """Logits from prefilling idx[:, :prefill] and then decoding the rest `step` tokens at a time (one by default)
+    with the KV cache."""
     B, T = idx.shape
-    model.setup_cache(B, T)
+    model.setup_cache(B, cache_len or T)
     with torch.no_grad():
         out = [model(idx[:, :prefill], torch.arange(prefill))]
-        for t in range(prefill, T):
-            out.append(model(idx[:, t:t + 1], torch.tensor([t])))
+        for t in range(prefill, T, step):
+            out.append(model(idx[:, t:t + step], torch.arange(t, min(t + step, T))))
     model.clear_cache()
     return torch.cat(out, dim=1)
 
+
+
+def batched_decode_logits(model, sequences: list[torch.Tensor], prompt_lens: list[int], step: int = 1,
+                          first_slot: int = 0, n_slots: int | None = None) -> list[torch.Tensor]:
+    """Serving-style decoding: every cache row (slot) first holds another, longer sequence; then each of the B
+    sequences is prefilled alone into slot first_slot + b (cache_rows), reusing it uncleared, and all are decoded
+    together, `step` tokens per row per call, each row at its own positions (input_pos (B, step)). A row that has
+    run out of tokens keeps being fed padding, as an idle slot would be. The slots outside the batch must come out
+    untouched. Returns each sequence's logits, (L_b, vocab)."""
+    B = len(sequences)
+    n_slots = n_slots or first_slot + B
+    rows = slice(first_slot, first_slot + B)
+    cache_len = max(len(s) for s in sequences) + step
+    model.setup_cache(n_slots, cache_len)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model(torch.randint(0, vocab, (n_slots, cache_len), generator=g), torch.arange(cache_len))
+        outside = [i for i in range(n_slots) if not rows.start <= i < rows.stop]
+        caches = [block.attn.kv_cache for block in model.layers]
+        before = [(c.k[outside], c.v[outside]) for c in caches]           # copies
+        out = [[model(seq[None, :p], torch.arange(p), cache_rows=slice(first_slot + b, first_slot + b + 1))[0]]
+               for b, (seq, p) in enumerate(zip(sequences, prompt_lens))]
+        pos = list(prompt_lens)
+        while any(q < len(s) for q, s in zip(pos, sequences)):
+            idx = torch.zeros(B, step, dtype=torch.long)
+            input_pos = torch.zeros(B, step, dtype=torch.long)
+            for b, seq in enumerate(sequences):
+                tokens = seq[pos[b]:pos[b] + step]
+                idx[b, :len(tokens)] = tokens
+                input_pos[b] = torch.arange(pos[b], pos[b] + step).clamp(max=cache_len - 1)
+            logits = model(idx, input_pos, cache_rows=rows if n_slots != B else None)
+            for b, seq in enumerate(sequences):
+                if pos[b] < len(seq):
+                    out[b].append(logits[b, :len(seq) - pos[b]])
+                pos[b] += step
+        for c, (k, v) in zip(caches, before):
+            assert torch.equal(c.k[outside], k) and torch.equal(c.v[outside], v), "a slot outside the batch changed"
+    model.clear_cache()
+    return [torch.cat(o) for o in out]
+
+
+def assert_batched_decoding_matches_alone(model, sequences: list[torch.Tensor], prompt_lens: list[int], **kwargs):
+    """Sequences of different lengths decoded as one batch (batched_decode_logits) give each sequence the logits it
+    gets decoded alone, in the same steps through the same cache length."""
+    batched = batched_decode_logits(model, sequences, prompt_lens, **kwargs)
+    step = kwargs.get("step", 1)
+    cache_len = max(len(s) for s in sequences) + step
+    for seq, p, got in zip(sequences, prompt_lens, batched):
+        alone = cached_decode_logits(model, seq[None], p, cache_len, step)[0]
+        assert_logits_close(got, alone, atol=1e-5)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The real checkpoint

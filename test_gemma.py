@@ -12,8 +12,8 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM)
 
 import convert_hf
-from conftest import (assert_cache_matches_full_forward, assert_logits_close, convert_and_load, hub_style, perturb_,
-                      quantization_error)
+from conftest import (assert_batched_decoding_matches_alone, assert_cache_matches_full_forward, assert_logits_close,
+                      convert_and_load, hub_style, perturb_, quantization_error)
 from models import gemma
 
 # head_dim 24 is independent of hidden 64 / 4 heads; a window of 16 is far shorter than the test sequences.
@@ -137,6 +137,16 @@ def test_kv_cache_decoding_equals_full_forward(case, tmp_path):
     ours = convert_and_load(save_hf(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
     idx = torch.randint(0, TINY["vocab_size"], (2, 40))          # decodes 33 tokens, most past the window of 16
     assert_cache_matches_full_forward(ours, idx, prefill=7)
+
+
+@pytest.mark.parametrize("case, step", [("gemma2", 1), ("gemma3", 1), ("gemma3", 5)])
+def test_ragged_batch_decodes_each_row_as_if_alone(case, step, tmp_path):
+    # Three sequences of different lengths in reused slots, each row at its own positions: local layers slide their
+    # window of 16 per row, global ones see the whole row; Gemma 2's soft-capped scores take the per-row mask too.
+    ours = convert_and_load(save_hf(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in (40, 21, 34)]
+    assert_batched_decoding_matches_alone(ours, sequences, [7, 3, 12], step=step)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from conftest import (assert_cache_matches_full_forward, assert_logits_close, convert_and_load, perturb_,
-                      preset_parameter_count, quantization_error, save_hf)
+from conftest import (assert_batched_decoding_matches_alone, assert_cache_matches_full_forward, assert_logits_close,
+                      convert_and_load, perturb_, preset_parameter_count, quantization_error, save_hf)
 from models import llama
 
 TINY = dict(vocab_size=120, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -50,6 +50,30 @@ def test_kv_cache_decoding_equals_full_forward(case, tmp_path):
     ours = convert_and_load(save_hf(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
     idx = torch.randint(0, TINY["vocab_size"], (2, 40))
     assert_cache_matches_full_forward(ours, idx, prefill=7)
+
+
+def ragged(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in lengths]
+
+
+@pytest.mark.parametrize("case", ["gqa", "mistral_window"])
+def test_ragged_batch_decodes_each_row_as_if_alone(case, tmp_path):
+    # Three sequences of different lengths, in slots that held another sequence before, decoded one token per row
+    # per step at positions 7.., 3.., 12..; with a window of 16 the long rows slide past it.
+    ours = convert_and_load(save_hf(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
+    assert_batched_decoding_matches_alone(ours, ragged([40, 21, 34]), [7, 3, 12])
+
+
+def test_ragged_batch_of_several_tokens_per_row(tmp_path):
+    # Chunked prefill: every call gives each row 5 tokens at its own offset (input_pos (B, 5)), the window inside.
+    ours = convert_and_load(save_hf(tiny_hf("mistral_window"), tmp_path / "hf"), tmp_path / "native")
+    assert_batched_decoding_matches_alone(ours, ragged([38, 17, 29]), [4, 9, 1], step=5)
+
+
+def test_cache_rows_decode_a_run_of_slots_and_leave_the_others_alone(tmp_path):
+    ours = convert_and_load(save_hf(tiny_hf("gqa"), tmp_path / "hf"), tmp_path / "native")
+    assert_batched_decoding_matches_alone(ours, ragged([19, 26]), [5, 2], first_slot=1, n_slots=4)
 
 
 def test_hub_and_transformers5_configs_read_the_same(tmp_path):

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM
 
 import convert_hf
-from conftest import (assert_cache_matches_full_forward, assert_logits_close, cached_decode_logits,
-                      convert_and_load, hub_style, perturb_, preset_parameter_count, quantization_error, save_hf)
+from conftest import (assert_batched_decoding_matches_alone, assert_cache_matches_full_forward, assert_logits_close,
+                      cached_decode_logits, convert_and_load, hub_style, perturb_, preset_parameter_count,
+                      quantization_error, save_hf)
 from models import phi
 
 # Phi-2-like: head_dim 20 with partial_rotary_factor 0.4 rotates 8 channels, as Phi-2 rotates 32 of 80.
@@ -94,6 +95,17 @@ def test_kv_cache_decoding_equals_full_forward(case, T, prefill, tmp_path):
     ours = convert_and_load(save_phi(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
     idx = torch.randint(0, 120, (2, T))
     assert_cache_matches_full_forward(ours, idx, prefill=prefill)
+
+
+@pytest.mark.parametrize("case, step", [("phi2", 1), ("phi3_window", 1), ("phi4_mini", 1), ("phi4_mini", 5)])
+def test_ragged_batch_decodes_each_row_as_if_alone(case, step, tmp_path):
+    # Three sequences of different lengths in reused slots, each row at its own positions. Phi-2: partial rotary,
+    # parallel block; a window of 16; Phi-4-mini: each row switches to the long LongRoPE factors (re-prefilling its
+    # own sequence) at its own step, as it crosses the original 32 positions.
+    ours = convert_and_load(save_phi(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, 120, (n,), generator=g) for n in (50, 21, 44)]
+    assert_batched_decoding_matches_alone(ours, sequences, [7, 3, 30], step=step)
 
 
 @pytest.mark.parametrize("case", ["phi3.5_longrope", "phi4_mini"])

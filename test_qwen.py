@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qw
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import convert_hf
-from conftest import (assert_cache_matches_full_forward, assert_logits_close, convert_and_load, hub_style, perturb_,
-                      preset_parameter_count, quantization_error, save_hf)
+from conftest import (assert_batched_decoding_matches_alone, assert_cache_matches_full_forward, assert_logits_close,
+                      convert_and_load, hub_style, perturb_, preset_parameter_count, quantization_error, save_hf)
 from models import qwen
 
 TINY = dict(vocab_size=120, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -61,6 +61,16 @@ def test_kv_cache_decoding_equals_full_forward(case, tmp_path):
     ours = convert_and_load(save_hf(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
     idx = torch.randint(0, TINY["vocab_size"], (2, 40))
     assert_cache_matches_full_forward(ours, idx, prefill=7)
+
+
+@pytest.mark.parametrize("case", ["qwen2_window", "qwen3_gqa"])
+def test_ragged_batch_decodes_each_row_as_if_alone(case, tmp_path):
+    # Three sequences of different lengths in reused slots, each row at its own positions: the window of 16 on the
+    # upper layers slides per row; Qwen3's QK-norm in between.
+    ours = convert_and_load(save_hf(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in (40, 21, 34)]
+    assert_batched_decoding_matches_alone(ours, sequences, [7, 3, 12])
 
 
 @pytest.mark.parametrize("case", ["qwen2_window", "qwen3_mqa_tied", "qwen3_yarn"])

@@ -287,15 +287,25 @@ def apply_rope(x, cos, sin):
 class KVCache(nn.Module):
     def __init__(self, batch_size, n_kv_head, max_seq_len, head_dim, device=None, dtype=None):
         super().__init__()
-        shape = (batch_size, n_kv_head, max_seq_len, head_dim)             # (B, K, S, D)
+        shape = (batch_size, n_kv_head, max_seq_len, head_dim)             # (rows, K, S, D)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, input_pos, k, v):
-        # input_pos: (T,); k, v: (B, K, T, D) -> the whole cache (B, K, S, D)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    def update(self, input_pos, k, v, rows: slice):
+        # k, v: (B, K, T, D) written into the cache rows `rows` (a view: no cache memory is copied), at input_pos:
+        # (T,), the same positions in every row, or (B, T), row b at its own positions. -> those rows (B, K, S, D)
+        cache_k, cache_v = self.k[rows], self.v[rows]
+        if cache_k.size(0) != k.size(0):
+            raise ValueError(f"cache_rows {rows} selects {cache_k.size(0)} of the cache's {self.k.size(0)} rows "
+                             f"for a batch of {k.size(0)}")
+        if input_pos.dim() == 1:
+            cache_k.index_copy_(2, input_pos, k)
+            cache_v.index_copy_(2, input_pos, v)
+        else:
+            index = input_pos[:, None, :, None].expand_as(k)               # (B, K, T, D): row b's positions
+            cache_k.scatter_(2, index, k)
+            cache_v.scatter_(2, index, v)
+        return cache_k, cache_v
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,12 +338,13 @@ class Attention(nn.Module):
         qk = apply_rope(qk, cos, sin)                                      # rotate q and k in one go
         return qk[:, :H], qk[:, H:], qkv[:, H + K:]                       # q (B, H, T, D); k, v (B, K, T, D)
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
+    def forward(self, x, cos, sin, mask, input_pos=None, cache_rows=None):
         B, T, _ = x.shape
         H, K, D = self.config.n_head, self.config.n_kv_head, self.config.head_dim
         q, k, v = self.heads(x, cos, sin)                                  # (B, H, T, D), (B, K, T, D) x 2
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)                   # (B, K, S, D)
+        if self.kv_cache is not None and input_pos is not None:
+            rows = slice(0, B) if cache_rows is None else cache_rows
+            k, v = self.kv_cache.update(input_pos, k, v, rows)             # (B, K, S, D)
         if mask is None:                                                   # plain causal over these T tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != K)
         else:
@@ -369,8 +380,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos=None, cache_rows=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, cache_rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -416,9 +427,11 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attn.kv_cache = None
 
-    def forward(self, idx, input_pos=None):
-        # idx: (B, T) token ids; input_pos: (T,) positions of these tokens in the KV cache, or None for a plain
-        # causal forward over positions 0..T-1 without a cache (training, scoring).
+    def forward(self, idx, input_pos=None, cache_rows=None):
+        # idx: (B, T) token ids. input_pos: None for a plain causal forward over positions 0..T-1 without the cache
+        # (training, scoring); (T,), the positions of these tokens in the KV cache, the same for every row; or
+        # (B, T), each row at positions of its own (batched serving, below). cache_rows: the cache rows these B
+        # rows use, a slice(start, start + B); None means rows 0..B-1.
         B, T = idx.shape
         x = self.tok_embeddings(idx)                                       # (B, T, C)
         window = self.config.sliding_window
@@ -431,22 +444,30 @@ class Transformer(nn.Module):
             if window is not None and T > window:
                 window_mask = sliding_causal_mask(positions, positions, window, x.dtype)
         else:
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, D)
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, D) or (B, T, D)
             mask = window_mask = sliding_causal_mask(input_pos, self.cache_positions, None, x.dtype)  # (T, S)
             if window is not None:
                 window_mask = sliding_causal_mask(input_pos, self.cache_positions, window, x.dtype)
+            if input_pos.dim() == 2:
+                # A ragged batch: every row is a sequence of its own, at its own positions, in its own cache row.
+                # Its RoPE angles and masks come from its own positions and broadcast over the heads alone, so no
+                # row can see another. Cache entries past a row's position are masked, never read: a slot can take
+                # a new sequence without being cleared.
+                cos, sin = cos[:, None], sin[:, None]                      # (B, 1, T, D)
+                mask, window_mask = mask[:, None], window_mask[:, None]    # (B, 1, T, S)
         for i, block in enumerate(self.layers):                            # the window starts at max_window_layers
-            x = block(x, cos, sin, window_mask if i >= self.config.max_window_layers else mask, input_pos)
+            layer_mask = window_mask if i >= self.config.max_window_layers else mask
+            x = block(x, cos, sin, layer_mask, input_pos, cache_rows)
         return self.lm_head(self.norm(x))                                  # (B, T, vocab)
 
 
 def sliding_causal_mask(q_pos, kv_pos, window: int | None, dtype):
     # 0 where the query at q_pos may attend to the key at kv_pos, -inf elsewhere: no looking ahead and (with a
-    # window) nothing window or more positions back, as HF's sliding-window masks do. An additive float mask
-    # runs faster in CPU SDPA than a boolean one.
-    allowed = kv_pos[None, :] <= q_pos[:, None]                            # (T, S)
+    # window) nothing window or more positions back, as HF's sliding-window masks do. q_pos: (T,) or (B, T);
+    # kv_pos: (S,) -> (T, S) or (B, T, S). An additive float mask runs faster in CPU SDPA than a boolean one.
+    allowed = kv_pos <= q_pos[..., None]
     if window is not None:
-        allowed &= kv_pos[None, :] > q_pos[:, None] - window
+        allowed &= kv_pos > q_pos[..., None] - window
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 

@@ -155,6 +155,30 @@ def assert_batched_decoding_matches_alone(model, sequences: list[torch.Tensor], 
         alone = cached_decode_logits(model, seq[None], p, cache_len, step)[0]
         assert_logits_close(got, alone, atol=1e-5)
 
+
+def assert_meta_init_equals_plain_build(module, config, seed: int = 0):
+    """train.py's sharded pretraining path (build on the meta device, to_empty, then model.apply(model._init_weights)
+    from a seed) makes bitwise the model that a plain build from that seed makes, every value finite. to_empty hands
+    over whatever memory the allocator held: NaN is written there first, so a tensor that _init_weights misses
+    cannot pass by luck."""
+    torch.manual_seed(seed)
+    plain = module.Transformer(config)
+    with torch.device("meta"):
+        model = module.Transformer(config)
+    model.to_empty(device="cpu")
+    if config.tie_embeddings:                    # to_empty unties the head from the embedding (FSDP2 ties them again)
+        model.lm_head.weight = model.tok_embeddings.weight
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.fill_(float("nan"))
+    torch.manual_seed(seed)
+    model.apply(model._init_weights)
+    ours, theirs = model.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, t in ours.items():
+        assert torch.isfinite(t).all(), f"{name} is left uninitialised by _init_weights"
+        assert torch.equal(t, theirs[name]), f"{name} differs from a plain build's"
+
 # ----------------------------------------------------------------------------------------------------------------
 # The real checkpoint
 

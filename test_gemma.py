@@ -13,7 +13,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM,
 
 import convert_hf
 from conftest import (assert_batched_decoding_matches_alone, assert_cache_matches_full_forward, assert_logits_close,
-                      convert_and_load, hub_style, perturb_, quantization_error)
+                      assert_meta_init_equals_plain_build, convert_and_load, hub_style, perturb_, quantization_error)
 from models import gemma
 
 # head_dim 24 is independent of hidden 64 / 4 heads; a window of 16 is far shorter than the test sequences.
@@ -245,6 +245,14 @@ def test_every_preset_builds_on_meta_and_survives_to_hf_and_back():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Quantization
+
+
+@pytest.mark.parametrize("extra", [dict(attn_bias=True),                                  # Gemma 1
+                                   dict(post_norms=True, qk_norm=True, sliding_window=8,     # Gemma 3
+                                        layer_types=["sliding_attention", "full_attention"])])
+def test_meta_build_initialised_by_init_weights_equals_a_plain_build(extra):
+    config = gemma.Config(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, dim=32, intermediate_size=48, **extra)
+    assert_meta_init_equals_plain_build(gemma, config)
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4", "fp4", "bnb.int8"])

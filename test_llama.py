@@ -6,7 +6,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from conftest import (assert_batched_decoding_matches_alone, assert_cache_matches_full_forward, assert_logits_close,
-                      convert_and_load, perturb_, preset_parameter_count, quantization_error, save_hf)
+                      assert_meta_init_equals_plain_build, convert_and_load, perturb_, preset_parameter_count,
+                      quantization_error, save_hf)
 from models import llama
 
 TINY = dict(vocab_size=120, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -112,6 +113,12 @@ def test_every_preset_builds_on_meta():
         with torch.device("meta"):
             model = llama.Transformer(llama.Config.from_name(name))
         assert len(model.layers) == model.config.n_layer
+
+
+@pytest.mark.parametrize("extra", [dict(attn_bias=True, mlp_bias=True), dict(tie_embeddings=True)])
+def test_meta_build_initialised_by_init_weights_equals_a_plain_build(extra):
+    config = llama.Config(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, dim=32, intermediate_size=48, **extra)
+    assert_meta_init_equals_plain_build(llama, config)
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4", "fp4", "bnb.int8"])

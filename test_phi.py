@@ -11,8 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, Phi3Config, Phi3ForCa
 
 import convert_hf
 from conftest import (assert_batched_decoding_matches_alone, assert_cache_matches_full_forward, assert_logits_close,
-                      cached_decode_logits, convert_and_load, hub_style, perturb_, preset_parameter_count,
-                      quantization_error, save_hf)
+                      assert_meta_init_equals_plain_build, cached_decode_logits, convert_and_load, hub_style, perturb_,
+                      preset_parameter_count, quantization_error, save_hf)
 from models import phi
 
 # Phi-2-like: head_dim 20 with partial_rotary_factor 0.4 rotates 8 channels, as Phi-2 rotates 32 of 80.
@@ -180,6 +180,13 @@ PUBLISHED_PARAMS = {
 @pytest.mark.parametrize("name", list(PUBLISHED_PARAMS))
 def test_presets_have_the_published_parameter_count(name):
     assert preset_parameter_count(phi, name) == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize("extra", [dict(phi._PHI2_LAYOUT, rope_dim=4),         # LayerNorms with biases, biased head
+                                   dict(tie_embeddings=True)])                   # Phi-3 layout: RMSNorm, tied head
+def test_meta_build_initialised_by_init_weights_equals_a_plain_build(extra):
+    config = phi.Config(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, dim=32, intermediate_size=48, **extra)
+    assert_meta_init_equals_plain_build(phi, config)
 
 
 def test_every_preset_builds_on_meta_and_round_trips_through_a_transformers_config():

@@ -12,7 +12,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import convert_hf
 from conftest import (assert_batched_decoding_matches_alone, assert_cache_matches_full_forward, assert_logits_close,
-                      convert_and_load, hub_style, perturb_, preset_parameter_count, quantization_error, save_hf)
+                      assert_meta_init_equals_plain_build, convert_and_load, hub_style, perturb_,
+                      preset_parameter_count, quantization_error, save_hf)
 from models import qwen
 
 TINY = dict(vocab_size=120, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -199,6 +200,13 @@ def test_presets_have_the_published_parameter_count(name):
     config = qwen.Config.from_name(name)
     stored_head = config.vocab_size * config.dim if name in HEAD_STORED_TWICE else 0
     assert preset_parameter_count(qwen, name) + stored_head == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize("extra", [dict(tie_embeddings=True),                                  # Qwen2: q/k/v biases
+                                   dict(qkv_bias=False, qk_norm=True, attn_bias=True)])     # Qwen3: QK-norm
+def test_meta_build_initialised_by_init_weights_equals_a_plain_build(extra):
+    config = qwen.Config(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, dim=32, intermediate_size=48, **extra)
+    assert_meta_init_equals_plain_build(qwen, config)
 
 
 def test_every_preset_builds_on_meta():

@@ -343,20 +343,29 @@ class Transformer(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
+        # Built the way train.py builds a sharded model: shapes on the meta device (no memory, no values), then
+        # memory on the caller's device (a `with torch.device(...)` block, else the CPU), then every value from
+        # _init_weights. So a plain build and FSDP's meta + to_empty + _init_weights make the same model.
+        device = torch.empty(0).device
+        with torch.device("meta"):
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+            self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+            self.norm = RMSNorm(config.dim, config.norm_eps)
+            self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.to_empty(device=device)
+        if config.tie_embeddings:                                          # after to_empty, which unties them
             self.lm_head.weight = self.tok_embeddings.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # Pretraining init (as GPT-2 / Llama): N(0, 0.02) weights, zero biases; RMSNorm weights start at 1.
+        # Pretraining init (as GPT-2 / Llama): N(0, 0.02) weights, zero biases, RMSNorm weights 1. Applied to every
+        # module (model.apply), it sets every parameter the model has: nothing keeps a value from its constructor.
         if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
+        if isinstance(module, RMSNorm):
+            torch.nn.init.ones_(module.weight)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None):
         """Preallocate each layer's KV cache for max_seq_len positions, and the RoPE table for them."""

@@ -440,20 +440,31 @@ class Transformer(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=config.bias)
-        if config.tie_embeddings:
+        # Built the way train.py builds a sharded model: shapes on the meta device (no memory, no values), then
+        # memory on the caller's device (a `with torch.device(...)` block, else the CPU), then every value from
+        # _init_weights. So a plain build and FSDP's meta + to_empty + _init_weights make the same model.
+        device = torch.empty(0).device
+        with torch.device("meta"):
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+            self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+            self.norm = make_norm(config)
+            self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=config.bias)
+        self.to_empty(device=device)
+        if config.tie_embeddings:                                          # after to_empty, which unties them
             self.lm_head.weight = self.tok_embeddings.weight
         self.register_buffer("cache_tokens", None, persistent=False)       # see setup_cache
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # Pretraining init (as GPT-2 / Llama): N(0, 0.02) weights, zero biases; norm weights start at 1.
+        # Pretraining init (as GPT-2 / Llama): N(0, 0.02) weights, zero biases, norm weights 1. Applied to every module
+        # (model.apply), it sets every parameter the model has: nothing keeps a value from its constructor.
         if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+        if isinstance(module, (RMSNorm, nn.LayerNorm)):
+            torch.nn.init.ones_(module.weight)
+        if isinstance(module, nn.LayerNorm):
             torch.nn.init.zeros_(module.bias)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None):

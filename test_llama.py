@@ -6,8 +6,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from conftest import (assert_batched_decoding_matches_alone, assert_cache_matches_full_forward, assert_logits_close,
-                      assert_meta_init_equals_plain_build, convert_and_load, perturb_, preset_parameter_count,
-                      quantization_error, save_hf)
+                      assert_meta_init_equals_plain_build, batched_decode_logits, convert_and_load, perturb_,
+                      preset_parameter_count, quantization_error, save_hf)
 from models import llama
 
 TINY = dict(vocab_size=120, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
@@ -75,6 +75,21 @@ def test_ragged_batch_of_several_tokens_per_row(tmp_path):
 def test_cache_rows_decode_a_run_of_slots_and_leave_the_others_alone(tmp_path):
     ours = convert_and_load(save_hf(tiny_hf("gqa"), tmp_path / "hf"), tmp_path / "native")
     assert_batched_decoding_matches_alone(ours, ragged([19, 26]), [5, 2], first_slot=1, n_slots=4)
+
+
+@pytest.mark.parametrize("case", ["gqa", "mistral_window"])
+def test_explicit_attention_math_equals_sdpa(case, tmp_path, monkeypatch):
+    # A causal forward (no mask; past the window, a window mask) and ragged batched decoding (per-row masks).
+    ours = convert_and_load(save_hf(tiny_hf(case), tmp_path / "hf"), tmp_path / "native")
+    idx = torch.randint(0, TINY["vocab_size"], (2, 40))
+    sequences, prompt_lens = ragged([30, 21]), [7, 3]
+    with torch.no_grad():
+        fused, fused_decoded = ours(idx), batched_decode_logits(ours, sequences, prompt_lens)
+    monkeypatch.setattr(llama.Attention, "use_sdpa", False)
+    with torch.no_grad():
+        assert_logits_close(ours(idx), fused, atol=1e-5)
+    for explicit, fused in zip(batched_decode_logits(ours, sequences, prompt_lens), fused_decoded):
+        assert_logits_close(explicit, fused, atol=1e-5)
 
 
 def test_hub_and_transformers5_configs_read_the_same(tmp_path):

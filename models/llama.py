@@ -266,12 +266,30 @@ class KVCache(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Attention: grouped-query attention (Ainslie et al. 2023). H query heads share K key/value heads in groups of
-# H/K; SDPA's enable_gqa broadcasts each key/value head over its group without copying it. One fused matmul makes
-# q, k and v.
+# Attention (Vaswani et al. 2017): each query takes a weighted mean of the values, weighted by how well it matches
+# each key: softmax(q k^T / sqrt(D) + mask) v, where the mask adds -inf wherever a query may not look (the future;
+# beyond a sliding window). explicit_attention spells that out; F.scaled_dot_product_attention (SDPA) computes the
+# same in one fused kernel that never holds the (T, S) score matrix, and is what runs.
+# Grouped-query attention (Ainslie et al. 2023): H query heads share K key/value heads in groups of H/K; SDPA's
+# enable_gqa broadcasts each key/value head over its group without copying it. One fused matmul makes q, k and v.
+
+
+def explicit_attention(q, k, v, mask):
+    # q: (B, H, T, D); k, v: (B, K, S, D); mask: additive, broadcasting to (B, H, T, S), or None for causal
+    # attention among these T tokens (S == T). -> (B, H, T, D)
+    H, K, T, S = q.size(1), k.size(1), q.size(2), k.size(2)
+    k = k.repeat_interleave(H // K, dim=1)                                 # (B, H, S, D): query head h reads
+    v = v.repeat_interleave(H // K, dim=1)                                 # key/value head h // (H/K)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))               # (B, H, T, S); sqrt(D) keeps them O(1)
+    if mask is None:
+        mask = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # -inf above the diagonal
+    probs = F.softmax((scores + mask).float(), dim=-1).to(q.dtype)         # each query's weights, summing to 1
+    return probs @ v                                                       # (B, H, T, D)
 
 
 class Attention(nn.Module):
+    use_sdpa = True                   # False: explicit_attention instead (the same numbers within 1e-5, slower)
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
@@ -295,7 +313,9 @@ class Attention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             rows = slice(0, B) if cache_rows is None else cache_rows
             k, v = self.kv_cache.update(input_pos, k, v, rows)             # (B, K, S, D)
-        if mask is None:                                                   # plain causal over these T tokens
+        if not self.use_sdpa:
+            y = explicit_attention(q, k, v, mask)
+        elif mask is None:                                                 # plain causal over these T tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != K)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)

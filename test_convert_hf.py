@@ -196,3 +196,168 @@ def test_failed_conversion_keeps_the_previous_output(tmp_path):
     r = cli(tmp_path / "hf", tmp_path / "native")
     assert r.returncode == 1
     assert (tmp_path / "native" / "model.safetensors").read_bytes() == before
+
+
+def main_error(*args) -> str:
+    """convert_hf's command line run in this process, expected to fail: its one-line message."""
+    with pytest.raises(SystemExit) as e:
+        convert_hf.main([str(a) for a in args])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_bad_config_json_names_the_file_and_the_key(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    good = json.loads(path.read_text())
+    for bad, key in (([good], "JSON object"),
+                     ({k: v for k, v in good.items() if k != "num_attention_heads"}, "num_attention_heads"),
+                     ({**good, "num_hidden_layers": "2"}, "num_hidden_layers"),
+                     ({**good, "hidden_size": 0}, "hidden_size")):
+        path.write_text(json.dumps(bad))
+        message = main_error(tmp_path / "hf", tmp_path / "out")
+        assert str(path) in message and key in message, message
+        assert list(tmp_path.iterdir()) == [tmp_path / "hf"]
+
+
+def test_legacy_pytorch_bin_input(tmp_path):
+    # torch.save before the zip format (torch < 1.6, still on the Hub): read with weights_only, without mmap
+    hf = tiny_llama()
+    save_hf(hf, tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "native")])
+    model = models.load(tmp_path / "native", device="cpu")
+    idx = torch.randint(0, TINY["vocab_size"], (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(idx), hf(idx).logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Never delete what the tool did not write
+
+
+def test_refuses_an_output_dir_it_did_not_write_unless_overwrite(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    message = main_error(tmp_path / "hf", out)
+    assert "--overwrite" in message and "notes.txt" in message
+    assert (out / "notes.txt").read_text() == "mine"
+    convert_hf.main([str(tmp_path / "hf"), str(out), "--overwrite"])
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+    # a checkpoint this tool wrote is replaced without asking; an empty dir is filled
+    convert_hf.main([str(tmp_path / "hf"), str(out)])
+    (tmp_path / "empty").mkdir()
+    convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "empty")])
+
+
+def test_an_hf_dir_is_not_mistaken_for_an_output_this_tool_wrote(tmp_path):
+    # the same file names as a checkpoint (config.json, model.safetensors), but written by transformers
+    save_hf(tiny_llama(), tmp_path / "hf")
+    save_hf(tiny_llama(num_hidden_layers=1), tmp_path / "other_hf")
+    before = (tmp_path / "other_hf" / "model.safetensors").read_bytes()
+    assert "--overwrite" in main_error(tmp_path / "hf", tmp_path / "other_hf")
+    assert (tmp_path / "other_hf" / "model.safetensors").read_bytes() == before
+
+
+def test_refuses_outputs_that_would_destroy_the_source_or_more(tmp_path, monkeypatch):
+    src = tmp_path / "models" / "hf"
+    save_hf(tiny_llama(), src)
+    (tmp_path / "models" / "sibling").mkdir()
+    (tmp_path / "models" / "sibling" / "keep.txt").write_text("keep")
+    (tmp_path / "a_file").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out, why in ((src, "is the source"), (src / "native", "inside it"), (tmp_path / "models", "contains the source"),
+                     (tmp_path / "a_file", "is a file"), (Path("."), "current directory")):
+        for flags in ([], ["--overwrite"]):        # --overwrite never allows these
+            assert why in main_error(src, out, *flags)
+            assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, out
+            assert not [p for p in tmp_path.rglob(".*")], "a temporary was left behind"
+
+
+def test_refuses_a_symlink_out_of_the_source(tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    (tmp_path / "hf" / "tokenizer.json").symlink_to(secret)
+    message = main_error(tmp_path / "hf", tmp_path / "out")
+    assert "symbolic link" in message and str(tmp_path / "hf" / "tokenizer.json") in message
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kill -9 at any moment loses nothing, and the next run removes what the killed one left. A child process converts
+# and SIGKILLs itself at a chosen point, found with sys.setprofile: the nth time `name` is entered, returns, or (a
+# builtin) is called, with `where` the function it happens in.
+
+KILL_AT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import convert_hf, models
+event, name, where, nth, src, out = sys.argv[1:7]
+if len(sys.argv) > 7:            # as on a platform without renameat2: the two-rename swap
+    models.exchange = lambda a, b: False
+seen = 0
+
+def kill_at(frame, e, arg):
+    global seen
+    if e == event and (arg.__name__ if e == "c_call" else frame.f_code.co_name) == name \\
+            and frame.f_code.co_name == where:
+        seen += 1
+        if seen == int(nth):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.setprofile(kill_at)
+convert_hf.hf_to_native(src, out)
+"""
+
+
+def convert_killed_at(event: str, name: str, where: str, nth: int, src: Path, out: Path, *two_renames: str):
+    r = subprocess.run([sys.executable, "-c", KILL_AT.format(root=str(ROOT)), event, name, where, str(nth),
+                        str(src), str(out), *two_renames], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+@pytest.mark.parametrize("when, kill_at, two_renames", [
+    ("mid-write", ("call", "copy_tokenizer_files", "copy_tokenizer_files", 1), ()),
+    ("after the exchange", ("return", "swap_dirs", "swap_dirs", 1), ()),
+    ("after two renames", ("return", "swap_dirs", "swap_dirs", 1), ("two renames",)),
+])
+def test_kill_9_while_replacing_loses_nothing_and_the_next_run_cleans_up(when, kill_at, two_renames, tmp_path):
+    save_hf(tiny_llama(), tmp_path / "old_hf")
+    save_hf(tiny_llama(num_hidden_layers=3), tmp_path / "new_hf")
+    out = tmp_path / "native"
+    convert_hf.hf_to_native(tmp_path / "old_hf", out)
+    old = (out / "model.safetensors").read_bytes()
+    convert_killed_at(*kill_at, tmp_path / "new_hf", out, *two_renames)
+    assert leftovers(out), "the kill left no temporary: it came too late to test anything"
+    if when == "mid-write":
+        assert (out / "model.safetensors").read_bytes() == old
+    else:
+        assert models.load(out, device="cpu").config.n_layer == 3
+    convert_hf.main([str(tmp_path / "new_hf"), str(out)])
+    assert models.load(out, device="cpu").config.n_layer == 3 and leftovers(out) == []
+
+
+def test_kill_9_between_two_renames_is_recovered_by_the_next_run(tmp_path):
+    # Without renameat2 the swap is two renames: killed between them, the target is missing and the old copy
+    # waits under .native.old-*; the next write of the target puts it back first, even if that write then fails.
+    save_hf(tiny_llama(), tmp_path / "old_hf")
+    save_hf(tiny_llama(num_hidden_layers=3), tmp_path / "new_hf")
+    out = tmp_path / "native"
+    convert_hf.hf_to_native(tmp_path / "old_hf", out)
+    old = (out / "model.safetensors").read_bytes()
+    convert_killed_at("c_call", "rename", "swap_dirs", 2, tmp_path / "new_hf", out, "two renames")
+    assert not out.exists() and any(".old-" in name for name in leftovers(out))
+    path = tmp_path / "new_hf" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    assert "truncated" in main_error(tmp_path / "new_hf", out)
+    assert (out / "model.safetensors").read_bytes() == old and leftovers(out) == []

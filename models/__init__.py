@@ -527,6 +527,8 @@ def remove_stale_temporaries(target: Path):
     """Remove the temporaries that killed writers of target left beside it; put back an old copy that a two-rename
     swap had moved aside when it was killed. A writer locks its temporary before writing into it, so one that holds
     data (or is older than STALE_AFTER_S) and whose lock can be taken belongs to a process that is gone."""
+    if not target.name:                          # "." or "/": nothing of ours can be beside it
+        return
     for p in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
         kind = p.name[len(target.name) + 2:].split("-")[0]
         if kind not in ("tmp", "old") or p.is_symlink():

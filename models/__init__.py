@@ -1,9 +1,78 @@
-"""Which model file a checkpoint belongs to, and loading and saving native checkpoint dirs.
+"""Model families: which model file a checkpoint belongs to, the contract every model file keeps, and loading and
+saving native checkpoint dirs.
 
 A native checkpoint dir holds config.json ({"family": ..., Config fields}), model.safetensors (or shards with
 model.safetensors.index.json) and the tokenizer files. Loading builds the model on the meta device and then
 assigns the memory-mapped tensors, so a model costs its weights once. Saving writes into a temporary directory
 that is renamed into place only when complete.
+
+The model-file contract
+-----------------------
+This is the authoritative list of what a model file, models/<family>.py, defines because the shared scripts
+(convert_hf.py, generate.py, train.py, finetune_lora.py, evaluate.py and this file) rely on it. test_contract.py
+checks it for every family in FAMILIES and names the piece that is missing. Everything else in a model file is its
+own business. A model file imports only torch (and bitsandbytes inside quantize) and never the shared scripts.
+
+Registration
+  HF_MODEL_TYPES     the Hugging Face config.json model_type values its Config.from_hf reads, e.g. ("llama",
+                     "mistral"); family_of_hf finds the file by them (each type belongs to one family)
+  FAMILIES           (below, in this file) lists <family>; with HF_MODEL_TYPES that is all registration takes
+
+Config, a dataclass with a default for every field
+  fields             name, vocab_size, n_layer, n_head, n_kv_head, dim, head_dim (0 = dim // n_head),
+                     intermediate_size, norm_eps, max_seq_len, tie_embeddings; Config(...) setting only the sizes
+                     is a small working model
+  PRESETS            {preset name: fields} for the published sizes, with the published values
+  Config.from_name(preset), a ValueError that lists PRESETS for an unknown one
+  Config.from_dict(d) / .to_dict()   the native config.json; to_dict() is {"family": "<family>", every field}
+  Config.from_hf(hf) / .to_hf()      a transformers config.json (Hub style and transformers-5 style) and back
+
+Transformer(config), an nn.Module built on the current device (`with torch.device(...)`, meta included)
+  .config
+  .tok_embeddings    nn.Embedding (vocab_size, dim); its weight's dtype and device are the model's
+  .layers            nn.ModuleList of the blocks (FSDP shards each; activation checkpointing wraps block.forward)
+  .norm              the final norm
+  .lm_head           nn.Linear dim -> vocab_size; the same Parameter as tok_embeddings.weight if tie_embeddings
+  .forward(idx, input_pos=None, cache_rows=None) -> logits (B, T, vocab_size), for idx (B, T) token ids
+                     input_pos None: causal over positions 0..T-1, no cache (training, scoring)
+                               (T,): these cache positions in every row
+                               (B, T): row b at positions input_pos[b] in its own cache row, attending causally
+                               (and within its sliding window) to that row alone; cache entries past a row's
+                               position are masked, so a slot is reused without clearing
+                     cache_rows slice(start, stop): the cache rows of these B rows, a view; None: rows 0..B-1
+                     A row's logits do not depend on what the other rows hold.
+  .setup_cache(batch_size, max_seq_len, device=None, dtype=None)   gives every block's attn a KV cache of
+                     batch_size rows (.kv_cache.k and .v: (batch_size, n_kv_head, max_seq_len, head_dim));
+                     a ValueError past config.max_seq_len
+  .clear_cache()     every block's attn.kv_cache back to None
+  ._init_weights(module)   pretraining init of that module's own parameters: model.apply(model._init_weights)
+                     sets every parameter and buffer, so that building on meta, to_empty and applying it from a
+                     seed gives bitwise what a plain build from that seed gives (train.py's FSDP pretraining)
+  state_dict()       names are hf_weight_map(config)'s keys (plus lm_head.weight when tied: saved once)
+
+Each block, model.layers[i]
+  .attn, .mlp        attention and MLP; forward(x, cos, sin, mask, input_pos=None, cache_rows=None) on the block
+                     and on attn (LLaMA-Adapter wraps attn and calls it so)
+  attn.heads(x, cos, sin) -> q (B, H, T, D), k and v (B, K, T, D), RoPE applied; cos and sin (T, R) broadcast
+  attn.config        the Config;  attn.o  the output projection (H * D -> dim);  attn.scale  optional score scale
+                     where it is not head_dim ** -0.5 (Gemma);  attn.kv_cache  None or setup_cache's cache
+  linear layers      the nn.Linear children of attn and mlp are named from finetune_lora.LORA_TARGETS (qkv, o,
+                     gate_up, up, down), which LoRA wraps and quantize swaps
+  norms              the final one is `norm`; one feeding a sublayer is <sublayer>_norm (attn_norm, mlp_norm); one
+                     on a sublayer's output is post_<sublayer>_norm (post_attn_norm, post_mlp_norm); the norms
+                     of q and k in attention are q_norm and k_norm
+
+Weights (convert_hf.py)
+  hf_weight_map(config) -> {native name: [HF names, in the order they are concatenated]}
+  hf_split_sizes(config, native name) -> the rows of each HF tensor inside a fused native one
+  from_hf(pairs, config) / to_hf(pairs, config)   stream (name, tensor) pairs HF -> native and back, yielding a
+                     fused tensor as soon as its parts are in; a ValueError for a missing or unexpected name
+
+Quantization
+  quantize(model, mode) for mode in QUANTIZE_MODES = ("int8", "nf4", "fp4", "bnb.int8"), in place; int8 swaps the
+                     linears for the file's Int8Linear; a ValueError for any other mode
+
+A new family starts as a copy of the closest model file: see "Add a model family" in README.md.
 """
 
 import ctypes
@@ -26,12 +95,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("llama", "gemma", "qwen", "phi")
-# HF config.json model_type -> family
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama",
-                  "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma",
-                  "qwen2": "qwen", "qwen3": "qwen",
-                  "phi": "phi", "phi3": "phi"}
+FAMILIES = ("llama", "gemma", "qwen", "phi")     # models/<family>.py, each keeping the contract above
 
 
 def module(family: str):
@@ -42,11 +106,14 @@ def module(family: str):
 
 
 def family_of_hf(hf_config: dict) -> str:
+    """The family whose model file reads this Hugging Face config.json: the one whose HF_MODEL_TYPES holds its
+    model_type."""
     model_type = hf_config.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
+    readers = {t: family for family in FAMILIES for t in module(family).HF_MODEL_TYPES}
+    if model_type not in readers:
         raise ValueError(f"unsupported architecture model_type={model_type!r}; "
-                         f"supported: {', '.join(sorted(HF_MODEL_TYPES))}")
-    return HF_MODEL_TYPES[model_type]
+                         f"supported: {', '.join(sorted(readers))}")
+    return readers[model_type]
 
 
 def read_config(checkpoint_dir):

@@ -25,6 +25,10 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
+# The Hugging Face config.json model_type values that Config.from_hf reads (gemma3: the text decoder of the
+# multimodal model). models.family_of_hf finds this file by them.
+HF_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+
 
 @dataclass
 class Config:

@@ -19,6 +19,10 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
+# The Hugging Face config.json model_type values that Config.from_hf reads. models.family_of_hf finds this
+# file by them.
+HF_MODEL_TYPES = ("llama", "mistral")
+
 
 @dataclass
 class Config:

@@ -46,8 +46,9 @@ Transformer(config), an nn.Module built on the current device (`with torch.devic
                      a ValueError past config.max_seq_len
   .clear_cache()     every block's attn.kv_cache back to None
   ._init_weights(module)   pretraining init of that module's own parameters: model.apply(model._init_weights)
-                     sets every parameter and buffer, so that building on meta, to_empty and applying it from a
-                     seed gives bitwise what a plain build from that seed gives (train.py's FSDP pretraining)
+                     sets every parameter (a model holds no buffers until setup_cache), so that building on
+                     meta, to_empty and applying it from a seed gives bitwise what a plain build from that seed
+                     gives (train.py's FSDP pretraining; to_empty unties a tied head, FSDP2 ties it again)
   state_dict()       names are hf_weight_map(config)'s keys (plus lm_head.weight when tied: saved once)
 
 Each block, model.layers[i]

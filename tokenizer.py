@@ -99,12 +99,7 @@ def bytelevel_bytes(token):
 
 def byte_piece_value(piece):
     # SentencePiece's byte-fallback pieces "<0x00>" ... "<0xFF>" stand for one byte; None for any other piece
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        try:
-            return int(piece[3:5], 16)
-        except ValueError:
-            return None
-    return None
+    return int(piece[3:5], 16) if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) else None
 
 
 def read_json(path):
@@ -239,24 +234,21 @@ def split_function(regex, behavior):
         raise ValueError(f"unsupported Split behavior {behavior}")
 
     def split(text):
-        pieces, pos = [], 0  # pieces between matches and, depending on the behavior, the matches
+        pieces, pos = [], 0  # pos: where the piece being built starts
         for m in regex.finditer(text):
             start, end = m.span()
             if start == end:
                 continue
-            if behavior == "mergedwithprevious":
+            if behavior == "mergedwithprevious":  # the match ends the piece before it
                 pieces.append(text[pos:end])
-            else:
+            elif behavior == "mergedwithnext":  # the match starts the next piece
                 pieces.append(text[pos:start])
-                if behavior == "isolated":
-                    pieces.append(text[start:end])
-                elif behavior == "mergedwithnext":
-                    pieces.append(None)  # the next piece starts at this match
-                    pos = start
-                    continue
+                end = start
+            else:  # isolated: a piece of its own; removed: gone
+                pieces += [text[pos:start], text[start:end] if behavior == "isolated" else ""]
             pos = end
         pieces.append(text[pos:])
-        return [p for p in pieces if p]  # (None and empty pieces dropped)
+        return [p for p in pieces if p]
 
     return split
 
@@ -380,6 +372,7 @@ class TokenizerModel:
     spaceless_first: bool = False  # SentencePiece: decoding drops every "▁" of the first token (Metaspace decoder)
     named: dict = field(default_factory=dict)       # the format's default bos_token, eos_token ...
     stop_tokens: list = field(default_factory=list)  # tokens that end a turn besides the eos
+    post_processor: tuple = None  # tokenizer.json: the ids its post-processor puts (before, after) the text
 
 
 def make_tiktoken(name, pattern, ranks):
@@ -437,17 +430,21 @@ def tiktoken_ranks(vocab, merges, ignore_merges):
     return ranks, rank_to_id
 
 
-def load_bytelevel_json(tj, path):
-    """format 1: a byte-level BPE tokenizer.json, run by tiktoken"""
-    model = tj["model"]
+def refuse_bpe_options(model):
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            raise ValueError(f"tokenizer: unsupported BPE option {key}={model[key]!r} in {path}")
+            raise ValueError(f"unsupported BPE option {key}={model[key]!r}")
+
+
+def load_bytelevel_json(tj):
+    """format 1: a byte-level BPE tokenizer.json, run by tiktoken"""
+    model = tj["model"]
+    refuse_bpe_options(model)
     # byte_fallback: true (transformers' GGUF reader writes it) changes nothing here: every byte has a token
     pattern, prefix_space = pretokenizer_regex(tj.get("pre_tokenizer"))
     vocab = model["vocab"]
     ranks, rank_to_id = tiktoken_ranks(vocab, model["merges"], model.get("ignore_merges"))
-    enc = make_tiktoken(path.name, pattern, ranks)
+    enc = make_tiktoken("tokenizer.json", pattern, ranks)
     if rank_to_id is None:
         plain = enc.encode_ordinary  # ranks are ids: nothing to map
     else:
@@ -460,7 +457,8 @@ def load_bytelevel_json(tj, path):
     for token, i in vocab.items():
         tokens[i] = token
     return TokenizerModel(tokens, encode_text, [AddedToken.from_dict(t["id"], t) for t in tj.get("added_tokens", [])],
-                          byte_level=True, normalize=normalizer_function(tj.get("normalizer")))
+                          byte_level=True, normalize=normalizer_function(tj.get("normalizer")),
+                          post_processor=find_template_processing(tj.get("post_processor")) or ([], []))
 
 
 def sentencepiece_from_merges(model, added_ids):
@@ -493,8 +491,8 @@ def sentencepiece_from_merges(model, added_ids):
             p.type = piece_type.BYTE
         elif i in added_ids or not token or (len(token) > 1 and token not in first_merge):
             p.type = piece_type.CONTROL
-        else:
-            p.type, p.score = piece_type.NORMAL, -float(first_merge.get(token, -1) + 1)
+        else:  # (a single character is never built by merging: its score does not matter)
+            p.type, p.score = piece_type.NORMAL, -float(first_merge[token] + 1) if len(token) > 1 else 0.0
     dropped = None
     if unk is None:  # sentencepiece needs an unknown piece: a last one, whose id is dropped as HF drops the char
         dropped = unk = len(pieces)
@@ -505,21 +503,19 @@ def sentencepiece_from_merges(model, added_ids):
     # the text arrives normalized and pre-tokenized: sentencepiece must take it as it is, spaces included
     norm = proto.normalizer_spec
     norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", 0, 0, 0
-    return SentencePieceProcessor(model_proto=proto.SerializeToString()), dropped
+    try:
+        return SentencePieceProcessor(model_proto=proto.SerializeToString()), dropped
+    except RuntimeError as e:  # sentencepiece's own checks (a piece twice ...)
+        raise ValueError(f"sentencepiece cannot run its BPE: {e}") from None
 
 
-def load_sentencepiece_json(tj, path):
+def load_sentencepiece_json(tj):
     """format 2: a SentencePiece-style BPE tokenizer.json, its pipeline here and its BPE run by sentencepiece"""
     model = tj["model"]
-    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-        if model.get(key):
-            raise ValueError(f"tokenizer: unsupported BPE option {key}={model[key]!r} in {path}")
-    try:
-        normalize = normalizer_function(tj.get("normalizer"))
-        pretokenize = sentencepiece_pretokenizer(tj.get("pre_tokenizer"))
-        byte_fallback, strip_spaces, spaceless_first = sentencepiece_decoder(tj.get("decoder"))
-    except ValueError as e:
-        raise ValueError(f"tokenizer: {e} (in {path})") from None
+    refuse_bpe_options(model)
+    normalize = normalizer_function(tj.get("normalizer"))
+    pretokenize = sentencepiece_pretokenizer(tj.get("pre_tokenizer"))
+    byte_fallback, strip_spaces, spaceless_first = sentencepiece_decoder(tj.get("decoder"))
     added = [AddedToken.from_dict(t["id"], t) for t in tj.get("added_tokens", [])]
     sp, dropped = sentencepiece_from_merges(model, {t.id for t in added})
     vocab, ignore_merges = model["vocab"], model.get("ignore_merges")
@@ -537,7 +533,8 @@ def load_sentencepiece_json(tj, path):
         tokens[i] = token
     return TokenizerModel(tokens, encode_text, added, byte_level=False, normalize=normalize,
                           byte_fallback=byte_fallback, strip_spaces=strip_spaces, spaceless_first=spaceless_first,
-                          named={"unk_token": model.get("unk_token")} if model.get("unk_token") else {})
+                          named={"unk_token": model.get("unk_token")} if model.get("unk_token") else {},
+                          post_processor=find_template_processing(tj.get("post_processor")) or ([], []))
 
 
 def load_sentencepiece_model(path, config):
@@ -559,7 +556,10 @@ def load_sentencepiece_model(path, config):
                          "(Llama, Mistral, Gemma, Phi-3)")
     if config.get("add_prefix_space") is False:  # asked for explicitly: no "▁" in front of the text
         proto.normalizer_spec.add_dummy_prefix = False
-    sp = SentencePieceProcessor(model_proto=proto.SerializeToString())
+    try:
+        sp = SentencePieceProcessor(model_proto=proto.SerializeToString())
+    except RuntimeError as e:  # sentencepiece's own checks
+        raise ValueError(f"tokenizer: sentencepiece refuses {path}: {e}") from None
 
     # control pieces (<s>, [INST]) never come out of text in sentencepiece: we cut them out as special added tokens
     control = pb.ModelProto.SentencePiece.CONTROL
@@ -611,23 +611,19 @@ def load_tiktoken_model(path, config):
 def load_model(d, tokenizer_json, config):
     """the checkpoint's tokenizer files -> a TokenizerModel, by the format they are in"""
     json_path, model_path = d / "tokenizer.json", d / "tokenizer.model"
-    kind = None
     if tokenizer_json is not None:
-        model = tokenizer_json.get("model")
-        if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
-            raise ValueError(f"tokenizer: {json_path} has no model vocab: it is not a tokenizer.json, or it is damaged")
-        kind = model.get("type")
-        steps = steps_of(tokenizer_json.get("pre_tokenizer"), "pretokenizers")
-        if kind == "BPE" and any(step.get("type") == "ByteLevel" for step in steps):
-            kind = "byte-level"
-    try:
-        if kind == "byte-level":
-            return load_bytelevel_json(tokenizer_json, json_path)
-        if kind == "BPE":
-            return load_sentencepiece_json(tokenizer_json, json_path)
-    except (KeyError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"tokenizer: {json_path} is malformed ({type(e).__name__}: {e}): the file is damaged; "
-                         "copy it again from where the model came from") from None
+        try:
+            kind = tokenizer_json["model"]["type"]
+            steps = steps_of(tokenizer_json.get("pre_tokenizer"), "pretokenizers")
+            if kind == "BPE" and any(step["type"] == "ByteLevel" for step in steps):
+                return load_bytelevel_json(tokenizer_json)
+            if kind == "BPE":
+                return load_sentencepiece_json(tokenizer_json)
+        except ValueError as e:
+            raise ValueError(f"tokenizer: {json_path}: {e}") from None
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            raise ValueError(f"tokenizer: {json_path} is malformed ({type(e).__name__}: {e}): the file is damaged; "
+                             "copy it again from where the model came from") from None
     if model_path.is_file():
         if is_tiktoken_file(model_path):
             return load_tiktoken_model(model_path, config)
@@ -667,9 +663,9 @@ class Tokenizer:
 
         # what encode() adds by default: a tokenizer.json's post-processor decides (as `tokenizers` on the file),
         # else tokenizer_config (BOS by default: Llama, Mistral and Gemma were trained with it)
-        if tokenizer_json is not None:
+        if model.post_processor is not None:
             self.add_bos, self.add_eos = False, False
-            before, after = find_template_processing(tokenizer_json.get("post_processor")) or ([], [])
+            before, after = model.post_processor
             if before:
                 self.add_bos, self.bos_id = True, self.bos_id if self.bos_id is not None else before[0]
             if after:

@@ -17,12 +17,14 @@ tokens/s, time to first token and peak memory go to stderr.
 """
 
 import argparse
-import json
-import resource
 import sys
+import threading
 import time
-from dataclasses import dataclass
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -55,6 +57,11 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
     """logits: (B, vocab) -> next token ids (B, 1)."""
     if s.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(sampling_probs(logits, s), 1, generator=generator)
+
+
+def sampling_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """logits: (B, vocab) -> the distribution sample() draws from (B, vocab): temperature (> 0), top-k, top-p."""
     logits = logits.float() / s.temperature
     if s.top_k is not None and s.top_k < logits.size(-1):
         kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
@@ -65,7 +72,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
         before = sorted_probs.cumsum(dim=-1) - sorted_probs          # mass of the more likely tokens
         sorted_probs = sorted_probs.masked_fill(before >= s.top_p, 0)  # the most likely token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)
+    return probs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,16 +122,180 @@ class Stats:
     new_tokens: int = 0
     time_to_first_token: float = 0.0
     total_time: float = 0.0
+    verify_steps: int = 0        # speculative decoding: forward passes of the target after prefill,
+    guessed: int = 0             # the guesses they checked,
+    kept: int = 0                # and those they kept
 
     def report(self, device) -> str:
         decode_time = self.total_time - self.time_to_first_token
         tps = (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else float("nan")
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) / 2**30
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB on Linux
-        return (f"prompt {self.prompt_tokens} tokens, time to first token {self.time_to_first_token:.3f} s, "
+        peak = models.peak_memory_gib(device)
+        line = (f"prompt {self.prompt_tokens} tokens, time to first token {self.time_to_first_token:.3f} s, "
                 f"{self.new_tokens} new tokens at {tps:.1f} tokens/s, peak memory {peak:.2f} GiB")
+        if self.verify_steps:
+            line += (f", {self.tokens_per_step():.2f} tokens per verification step ({self.kept} of "
+                     f"{self.guessed} guesses kept)")
+        return line
+
+    def tokens_per_step(self) -> float:
+        """Speculative decoding: tokens each forward pass of the target yields, kept guesses and its own token."""
+        return (self.kept + self.verify_steps) / self.verify_steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speculative decoding (Leviathan et al. 2023; Chen et al. 2023). Decoding one token reads every weight of the
+# model, and so does scoring k + 1 tokens in one forward pass, at little more cost. So something cheap guesses the
+# next k tokens; the target model runs once over its newest token and the k guesses (positions n .. n + k) and keeps
+# the guesses up to the first one it disagrees with, then adds one token of its own: the correction at that point,
+# or a bonus token after the k-th guess. Each step yields 1 to k + 1 tokens for one pass of the target.
+#   Greedy: a guess is kept when it is the target's argmax, so the text is plain greedy decoding's.
+#   Sampling: a guess x, drawn from the guesser's distribution q, is kept with probability min(1, p(x) / q(x)), p
+#   the target's; at the first refusal the token is drawn from max(0, p - q), renormalised; the bonus token from p.
+#   Every token then follows p exactly, whatever q is (Leviathan et al., appendix A). p and q are sampling_probs's
+#   distributions, with the same temperature, top-k and top-p.
+#   Refused guesses leave keys and values in the cache past the last kept position. Nothing reads them (the cache
+#   mask hides every position past a query's own) and the next step writes over them: nothing needs clearing.
+# Two guessers, each with propose(history, k, s, generator) -> (k guesses, their q (k, vocab) or None):
+#   DraftModel: a smaller model with the same tokenizer decodes k tokens ahead, in a KV cache of its own.
+#   PromptLookup (Saxena 2023): the tokens that followed the latest earlier occurrence of the text's last few
+#   tokens, copied: no second model, and strong where the output repeats its input (summaries, edits, code). Its
+#   guess is certain (q one-hot), so a guess x is kept with probability p(x) and a refusal draws from p without x.
+
+SPECULATE_K = 5            # draft-model guesses per step (gpt-fast's default)
+PROMPT_LOOKUP_NGRAM = 3    # the longest suffix looked up, then shorter ones down to one token (Saxena 2023)
+
+
+class DraftModel:
+    """Guesses from a smaller model with the target's tokenizer, decoding ahead in its own KV cache."""
+
+    def __init__(self, model, vocab_size: int):
+        self.model = model
+        self.vocab_size = vocab_size          # the target's: embedding tables padded to other sizes are cut to it
+        self.cached = 0                       # history[:cached] has its keys and values in the draft's cache
+        self.fed = torch.empty(0, dtype=torch.long)   # the guesses last fed to the draft, from position `cached`
+
+    def propose(self, history: list[int], k: int, s: Sampling, generator=None):
+        device = self.model.tok_embeddings.weight.device
+        for guess, token in zip(self.fed.tolist(), history[self.cached:]):   # the guesses the target kept
+            if guess != token:
+                break
+            self.cached += 1
+        idx = torch.tensor([history[self.cached:]], device=device)          # (1, T): what the draft has not seen
+        input_pos = torch.arange(self.cached, len(history), device=device)
+        guesses, probs = [], []
+        for _ in range(k):
+            logits = self.model(idx, input_pos)[:, -1, :self.vocab_size]     # (1, vocab)
+            if s.temperature == 0:
+                guess = logits.argmax(dim=-1, keepdim=True)                  # (1, 1)
+            else:
+                probs.append(sampling_probs(logits, s))
+                guess = torch.multinomial(probs[-1], 1, generator=generator)
+            guesses.append(guess[0])
+            idx, input_pos = guess, input_pos[-1:] + 1
+        guesses = torch.cat(guesses)                                         # (k,)
+        self.cached, self.fed = len(history), guesses[:-1]
+        if not probs:
+            return guesses, None
+        q = torch.cat(probs)                                                 # (k, draft vocab)
+        return guesses, nn.functional.pad(q, (0, self.vocab_size - q.size(-1)))    # 0 on ids the draft lacks
+
+
+class PromptLookup:
+    """Guesses copied from the text so far: what followed the latest earlier occurrence of its last n tokens, for
+    the longest n <= PROMPT_LOOKUP_NGRAM that occurred before."""
+
+    def __init__(self):
+        self.follows: dict[tuple[int, ...], int] = {}   # n-gram -> index of the token after its latest occurrence
+        self.indexed = 1                                # the n-grams ending before history[1:indexed] are in it
+
+    def propose(self, history: list[int], k: int, s: Sampling = None, generator=None):
+        for end in range(self.indexed, len(history)):
+            for n in range(1, min(PROMPT_LOOKUP_NGRAM, end) + 1):
+                self.follows[tuple(history[end - n:end])] = end
+        self.indexed = len(history)                     # (the suffix itself is indexed once a token follows it)
+        for n in range(min(PROMPT_LOOKUP_NGRAM, len(history)), 0, -1):
+            end = self.follows.get(tuple(history[-n:]))
+            if end is not None:
+                return history[end:end + k], None
+        return [], None
+
+
+def verify_guesses(model, history: list[int], guesses, q: torch.Tensor | None, s: Sampling,
+                   generator=None) -> list[int]:
+    """One pass of the target over history's newest token and the k guesses, at positions len(history) - 1 onward.
+    Returns the guesses it keeps, then one token of its own. q: (k, vocab), the distributions the guesses were drawn
+    from; None for certain guesses."""
+    device = model.tok_embeddings.weight.device
+    guesses = torch.as_tensor(guesses, dtype=torch.long, device=device)                   # (k,)
+    k, start = len(guesses), len(history) - 1
+    idx = torch.cat([torch.tensor(history[-1:], device=device), guesses])[None]          # (1, k + 1)
+    logits = model(idx, torch.arange(start, start + k + 1, device=device))[0]             # (k + 1, vocab)
+    if s.temperature == 0:
+        best = logits.argmax(dim=-1)                                                       # (k + 1,)
+        kept = int((best[:k] == guesses).int().cumprod(dim=0).sum())        # guesses before the first disagreement
+        return guesses[:kept].tolist() + [best[kept].item()]
+    p = sampling_probs(logits, s)                                                          # (k + 1, vocab)
+    guessed = torch.zeros_like(p[:k]).scatter_(1, guesses[:, None], 1) if q is None else q      # (k, vocab)
+    p_guess, q_guess = p[:k].gather(1, guesses[:, None])[:, 0], guessed.gather(1, guesses[:, None])[:, 0]
+    keep = torch.rand(k, device=device, generator=generator) * q_guess <= p_guess       # probability min(1, p / q)
+    kept = int(keep.int().cumprod(dim=0).sum())
+    if kept == k:
+        last = p[k]                                                                        # the bonus token
+    else:                                  # the correction; max(0, p - q) is all 0 only when p == q, never refused
+        residual = (p[kept] - guessed[kept]).clamp(min=0)
+        last = torch.where(residual.sum() > 0, residual, p[kept])
+    return guesses[:kept].tolist() + [torch.multinomial(last, 1, generator=generator).item()]
+
+
+def speculative_generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, s: Sampling, guesser, k: int,
+                                stop_ids=(), generator=None, stats=None):
+    """generate_tokens with up to k guesses from guesser (a DraftModel or PromptLookup) checked per forward pass of
+    the target: the same tokens when greedy, drawn from the same distribution when sampling. Tokens are yielded
+    as they are kept, up to a stop id (not yielded) or max_new_tokens."""
+    device = model.tok_embeddings.weight.device
+    t0 = time.perf_counter()
+    new = [prefill(model, torch.tensor([prompt_ids], device=device), s, generator).item()]
+    if stats is not None:
+        stats.time_to_first_token = time.perf_counter() - t0
+    history, limit = list(prompt_ids), len(prompt_ids) + max_new_tokens
+    while new:
+        token_id = new.pop(0)
+        if token_id in stop_ids:
+            break
+        yield token_id
+        history.append(token_id)
+        if stats is not None:
+            stats.new_tokens += 1
+        if len(history) == limit:
+            break
+        if not new:
+            room = limit - len(history) - 1              # for guesses: the step adds a token of its own
+            guesses, q = guesser.propose(history, min(k, room), s, generator) if room else ([], None)
+            new = verify_guesses(model, history, guesses, q, s, generator)
+            if stats is not None:
+                stats.verify_steps += 1
+                stats.guessed += len(guesses)
+                stats.kept += len(new) - 1
+    if stats is not None:
+        stats.total_time = time.perf_counter() - t0
+
+
+def check_speculation(draft, speculate_k: int, prompt_lookup: int | None):
+    if prompt_lookup is not None and draft is not None:
+        raise ValueError("prompt_lookup guesses from the text and a draft model guesses with a model: use one "
+                         "(load without draft= for prompt lookup)")
+    if prompt_lookup is not None and not (isinstance(prompt_lookup, int) and prompt_lookup >= 1):
+        raise ValueError(f"prompt_lookup must be a positive integer (tokens guessed per step), got {prompt_lookup}")
+    if not (isinstance(speculate_k, int) and speculate_k >= 1):
+        raise ValueError(f"speculate_k must be a positive integer (draft tokens per step), got {speculate_k}")
+
+
+def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_dir):
+    """A draft model must speak the target's token ids."""
+    if target.vocab_size != draft.vocab_size or \
+            any(target.id_to_token(i) != draft.id_to_token(i) for i in range(target.vocab_size)):
+        raise ValueError(f"the draft {draft_dir} has another tokenizer than the target; speculative decoding needs "
+                         f"a draft with the same tokenizer (the same token ids)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,16 +323,382 @@ class SplitLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def split_linears_for_cpu(model: nn.Module):
+def split_linears_for_cpu(model: nn.Module, wide: bool = False):
     """Swap every fp32 linear layer at least as tall as it is wide for a SplitLinear over the CPU's threads (wide
     ones, like the MLP's down projection, are fastest as they are; MKL's bf16 batched matmul is slower than its
-    plain one, so bf16 weights stay too). A tied head keeps sharing the embedding's weight."""
+    plain one, so bf16 weights stay too). A tied head keeps sharing the embedding's weight. wide=True swaps the wide
+    ones too: the engine needs every row computed alike (see MIN_DECODE_ROWS)."""
     parts = torch.get_num_threads()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32 and \
-                    child.out_features >= child.in_features and child.out_features % parts == 0:
+                    (wide or child.out_features >= child.in_features) and child.out_features % parts == 0:
                 setattr(parent, name, SplitLinear(child, parts))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine: continuous batching, many sequences at once (serve.py, and LLM.generate / LLM.chat on a list).
+#
+# The KV cache has a fixed number of rows, "slots". A new sequence waits for a free slot, is prefilled into it on
+# its own (a long prompt one chunk per step, so that it does not stall the others) and then joins the running
+# batch: each step decodes one token for every running sequence in one forward pass, row s at its own position in
+# slot s. A finished or cancelled sequence frees its slot at once and the next waiting one takes it.
+#
+# Batch invariance: a sequence's numbers must not depend on its batch-mates, so that N concurrent greedy requests
+# give token for token what each gives alone, and a seeded sample draws the same tokens. What that takes:
+#   - Prefill runs each sequence alone, in chunks that start at multiples of prefill_chunk: the same calls
+#     whatever else is running. Each sequence samples with a generator of its own.
+#   - MKL's fp32 matmul computes a row with one reduction order for M >= 4 rows and others for M = 1 (its gemv)
+#     and M = 2..3; and a plain (unbatched) matmul on 2 threads may split the rows between the threads, so that a
+#     row in a tail of 1 to 3 takes the small-M path (M = 5..7 and 9..11). A batched matmul keeps each batch entry
+#     on one thread. So on CPU every fp32 linear layer becomes a SplitLinear (a batched matmul, one column block
+#     per thread) and a decode step has at least MIN_DECODE_ROWS rows, the slots not decoding riding along as idle
+#     rows whose outputs are thrown away. Measured on this project's CPU: every matrix shape of SmolLM2 and the
+#     tiny test models, 1 and 2 threads, M up to 128, the same row at every position. (bf16 and the int8 kernel
+#     are row-invariant at every M.)
+#   - CPU SDPA (its flash kernel) is not row-invariant in fp32: each thread has a scratch buffer, and MKL's
+#     reduction of probs @ v depends on that buffer's alignment, so a row's bits depend on which thread ran it
+#     (measured: rows agree on 1 thread). The decode step runs the model file's explicit attention instead
+#     (Attention.use_sdpa = False, in the files that offer it): plain matmuls, each (row, head) its own batch entry.
+#   - An idle row must not disturb its slot: it writes where the slot's next real write goes anyway (position 0
+#     of a free slot, the next prompt position of a slot being prefilled), which nothing reads before that.
+#   - The cache length (and so the attention's reduction length) changes only while no sequence runs; see admit.
+
+MIN_DECODE_ROWS = 4
+CACHE_BUCKET = 256      # cache lengths are this times a power of two (capped at the context): few reallocations
+
+
+@dataclass
+class Request:
+    """One sequence to generate: a prompt's token ids and how to continue it."""
+    prompt_ids: list[int]
+    max_new_tokens: int = 256
+    sampling: Sampling = field(default_factory=Sampling)
+    seed: int | None = None             # seeds this sequence's own generator (None: a random seed)
+    stop: tuple[str, ...] = ()          # strings that end it: matched across token boundaries, never emitted
+    stop_ids: tuple[int, ...] = ()      # token ids that end it, besides the tokenizer's EOS ids; never emitted
+    logprobs: int | None = None         # None: none; k >= 0: each token's logprob and the k most likely tokens'
+    on_update: Callable | None = None   # called on the engine's thread with every Update
+
+
+@dataclass
+class Token:
+    id: int
+    logprob: float | None = None                   # log-softmax of the model's logits (before temperature, top-p)
+    top: list[tuple[int, float]] | None = None     # the k most likely (id, logprob), most likely first
+
+
+@dataclass
+class Update:
+    text: str                     # newly released text (held back while it could still become a stop string)
+    tokens: list[Token]           # the tokens this text came from
+    finish_reason: str | None     # None while running; then "stop", "length", "cancelled" or "error"
+
+
+def find_stop(text: str, start: int, stops) -> int | None:
+    """Where the earliest stop string begins in text[start:], or None."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops) -> int:
+    """How many characters at the end of text could be the start of a stop string (and so must wait)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+class Sequence:
+    """A request's state in the engine. Its text is released as it decodes, except what could still turn into a stop
+    string; `text` (all released text), `tokens` and `finish_reason` hold the result."""
+
+    def __init__(self, request: Request, engine: "Engine"):
+        self.request = request
+        self.prompt_ids = list(request.prompt_ids)
+        self.max_new_tokens = min(request.max_new_tokens, engine.context - len(self.prompt_ids))
+        self.stop_ids = set(engine.tokenizer.eos_ids) | set(request.stop_ids)
+        self.generator = torch.Generator(engine.device)
+        if request.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(request.seed)
+        self.decoder = engine.tokenizer.stream_decoder(skip_special_tokens=True)   # as HF pipelines print text
+        self.slot: int | None = None
+        self.prefilled = 0                 # prompt tokens in the cache
+        self.next_token: int | None = None # the sampled token the next decode step feeds in, at `position`
+        self.position = 0
+        self.generated: list[int] = []     # every sampled id, a stop id included (the usage count)
+        self.decoded = ""                  # all decoded text; released up to `self.released`
+        self.released = 0
+        self.pending: list[tuple[Token, int, int]] = []   # unreleased tokens: (token, start, end) in decoded
+        self.text, self.tokens = "", []    # what was released
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.done = threading.Event()
+
+    def add(self, token: Token) -> Update:
+        """Take the next sampled token; return what it releases (and finish the sequence if it ends it)."""
+        self.generated.append(token.id)
+        if token.id in self.stop_ids:
+            return self.finish("stop")
+        start = len(self.decoded)
+        self.decoded += self.decoder.add(token.id)
+        self.pending.append((token, start, len(self.decoded)))
+        if len(self.generated) >= self.max_new_tokens:
+            return self.finish("length")
+        stops = self.request.stop
+        at = find_stop(self.decoded, self.released, stops)
+        if at is not None:
+            return self.release(at, "stop")
+        # A stop string found later starts after `released`: the text before it holds no stop, and the held-back
+        # tail is the longest one that could still grow into a stop.
+        return self.release(len(self.decoded) - held_back(self.decoded[self.released:], stops))
+
+    def finish(self, reason: str) -> Update:
+        self.decoded += self.decoder.flush()          # the last bytes of an unfinished character
+        at = find_stop(self.decoded, self.released, self.request.stop)
+        return self.release(len(self.decoded), reason) if at is None else self.release(at, "stop")
+
+    def release(self, upto: int, finish_reason: str | None = None) -> Update:
+        text, self.released = self.decoded[self.released:upto], max(upto, self.released)
+        if finish_reason is None:                     # tokens whose text is all out
+            n = count_while(self.pending, lambda p: p[2] <= upto)
+        elif upto == len(self.decoded):               # the end: every token
+            n = len(self.pending)
+        else:                                         # cut by a stop string: the tokens that reach before it
+            n = count_while(self.pending, lambda p: p[1] < upto)
+        tokens = [t for t, _, _ in self.pending[:n]]
+        del self.pending[:n]
+        self.text += text
+        self.tokens += tokens
+        self.finish_reason = finish_reason
+        return Update(text, tokens, finish_reason)
+
+
+def count_while(items, keep) -> int:
+    n = 0
+    while n < len(items) and keep(items[n]):
+        n += 1
+    return n
+
+
+class Engine:
+    """Continuous batching over max_batch_size cache slots. submit() and cancel() may be called from any thread;
+    the steps run either on the engine's own thread (start(), for a server) or in the caller's (run())."""
+
+    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 8, max_seq_len: int | None = None,
+                 prefill_chunk: int = 256):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.tok_embeddings.weight.device
+        if self.device.type == "cpu":
+            split_linears_for_cpu(model, wide=True)
+        self.attentions = [b.attn for b in model.layers if hasattr(b.attn, "use_sdpa")]
+        self.context = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
+        self.slots: list[Sequence | None] = [None] * max(max_batch_size, MIN_DECODE_ROWS)
+        self.running: list[Sequence] = []          # in the order they were admitted
+        self.waiting: deque[Sequence] = deque()
+        self.cache_len, self.cache = 0, None       # the cache this engine set up in the model
+        self.lock = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.closed = False
+
+    # --- the outside: any thread
+
+    def submit(self, request: Request) -> Sequence:
+        """Queue a request. A bad one raises ValueError here and never reaches the batch."""
+        self.check(request)
+        seq = Sequence(request, self)
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            self.waiting.append(seq)
+            self.lock.notify()
+        return seq
+
+    def cancel(self, seq: Sequence):
+        """Stop a sequence: its slot is freed before the next step."""
+        with self.lock:
+            seq.cancelled = True
+            self.lock.notify()
+
+    def check(self, r: Request):
+        vocab = self.model.config.vocab_size
+        if not r.prompt_ids:
+            raise ValueError("the prompt is empty and the tokenizer adds no BOS token: give some text")
+        if len(r.prompt_ids) >= self.context:
+            raise ValueError(f"the prompt is {len(r.prompt_ids)} tokens but the context is {self.context}; "
+                             f"shorten the prompt")
+        if not all(isinstance(i, int) and 0 <= i < vocab for i in r.prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if r.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        r.sampling.check()
+        if r.logprobs is not None and r.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {r.logprobs}")
+        if any(not isinstance(s, str) or not s for s in r.stop):
+            raise ValueError("stop strings must be non-empty strings")
+
+    # --- the steps
+
+    def start(self):
+        """Run the steps on a thread of the engine's own until close()."""
+        self.thread = threading.Thread(target=self.serve_forever, name="flatlm-engine", daemon=True)
+        self.thread.start()
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def serve_forever(self):
+        while True:
+            with self.lock:
+                while not (self.closed or self.waiting or self.running):
+                    self.lock.wait()
+                if self.closed:
+                    return
+            try:
+                self.step()
+            except Exception:                 # a failed step fails its sequences, never the engine
+                traceback.print_exc()
+                for seq in list(self.running):
+                    self.end(seq, Update("", [], "error"))
+
+    def run(self, requests: list[Request]) -> list[Sequence]:
+        """Submit requests and run steps in this thread until every one is done (no engine thread must run)."""
+        seqs = [self.submit(r) for r in requests]
+        while self.step():
+            pass
+        return seqs
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Drop cancelled sequences, admit waiting ones, prefill, decode one token for every running sequence.
+        Returns whether any work is left."""
+        with self.lock:
+            for seq in [s for s in [*self.waiting, *self.running] if s.cancelled]:
+                self.end(seq, Update("", [], "cancelled"))
+            self.admit()
+        self.prefill()
+        self.decode()
+        with self.lock:
+            return bool(self.waiting or self.running)
+
+    def admit(self):
+        """Move waiting sequences into free slots, first come first served. A sequence needs prompt +
+        max_new_tokens cache positions; the cache is resized only while nothing runs (a new length would change
+        the running rows' attention), so a sequence that does not fit waits until the running ones finish."""
+        while self.waiting and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            need = len(seq.prompt_ids) + seq.max_new_tokens
+            ours = self.cache is not None and self.cache is self.model.layers[0].attn.kv_cache
+            if not ours or need > self.cache_len:
+                if self.running:
+                    return
+                upcoming = list(self.waiting)[: self.max_batch_size]
+                self.resize_cache(max(len(s.prompt_ids) + s.max_new_tokens for s in upcoming))
+            self.waiting.popleft()
+            seq.slot = self.slots.index(None)
+            self.slots[seq.slot] = seq
+            self.running.append(seq)
+
+    def resize_cache(self, need: int):
+        length = CACHE_BUCKET
+        while length < need:
+            length *= 2
+        self.cache_len = min(length, self.context)
+        self.model.setup_cache(len(self.slots), self.cache_len, self.device)
+        self.cache = self.model.layers[0].attn.kv_cache
+
+    def prefill(self):
+        """Prefill admitted prompts into their slots, each alone, up to prefill_chunk tokens a step (at least one
+        chunk): a long prompt goes in over several steps while the others keep decoding."""
+        budget = self.prefill_chunk
+        for seq in [s for s in self.running if s.prefilled < len(s.prompt_ids)]:
+            while budget > 0 and seq.prefilled < len(seq.prompt_ids):
+                start = seq.prefilled
+                chunk = seq.prompt_ids[start: start + self.prefill_chunk]
+                idx = torch.tensor([chunk], device=self.device)                     # (1, T)
+                input_pos = torch.arange(start, start + len(chunk), device=self.device)
+                logits = self.model(idx, input_pos, cache_rows=slice(seq.slot, seq.slot + 1))
+                seq.prefilled += len(chunk)
+                budget -= len(chunk)
+            if seq.prefilled == len(seq.prompt_ids):
+                seq.position = seq.prefilled
+                self.accept(seq, logits[0, -1])
+            if budget <= 0:
+                return
+
+    def decode(self):
+        decoding = [s for s in self.running if s.next_token is not None]
+        if not decoding:
+            return
+        n = max(max(s.slot for s in decoding) + 1, MIN_DECODE_ROWS)
+        idx = torch.zeros(n, 1, dtype=torch.long)                        # idle rows: token 0 ...
+        input_pos = torch.zeros(n, 1, dtype=torch.long)                  # ... at position 0 of a free slot
+        for s in self.running:
+            if s.slot < n:
+                input_pos[s.slot, 0] = s.position if s.next_token is not None else s.prefilled
+        for s in decoding:
+            idx[s.slot, 0] = s.next_token
+        use_sdpa = [attn.use_sdpa for attn in self.attentions]
+        for attn in self.attentions:
+            attn.use_sdpa = False
+        try:
+            logits = self.model(idx.to(self.device), input_pos.to(self.device), cache_rows=slice(0, n))[:, -1]
+        finally:
+            for attn, use in zip(self.attentions, use_sdpa):
+                attn.use_sdpa = use
+        greedy = logits.argmax(dim=-1).tolist()                          # (n,): one host sync for every row
+        for s in decoding:
+            s.position += 1
+            self.accept(s, logits[s.slot], greedy[s.slot])
+
+    def accept(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None):
+        """Choose seq's next token from its logits (vocab,), release its text, free its slot if it is done."""
+        r = seq.request
+        if r.sampling.temperature == 0:
+            token_id = greedy if greedy is not None else logits.argmax().item()
+        else:
+            token_id = sample(logits[None], r.sampling, seq.generator).item()
+        token = Token(token_id)
+        if r.logprobs is not None:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            token.logprob = logprobs[token_id].item()
+            if r.logprobs:
+                top = logprobs.topk(r.logprobs)
+                token.top = list(zip(top.indices.tolist(), top.values.tolist()))
+        update = seq.add(token)
+        seq.next_token = token_id
+        if update.finish_reason:
+            self.end(seq, update)
+        else:
+            self.deliver(seq, update)
+
+    def end(self, seq: Sequence, update: Update):
+        seq.finish_reason = update.finish_reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.slots[seq.slot] = None
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.deliver(seq, update)
+        seq.done.set()
+
+    def deliver(self, seq: Sequence, update: Update):
+        if seq.request.on_update is None:
+            return
+        try:
+            seq.request.on_update(update)
+        except Exception:                        # the listener is broken: stop its sequence, not the engine
+            traceback.print_exc()
+            seq.cancelled = True
 
 
 class LLM:
@@ -172,6 +709,9 @@ class LLM:
         self.generation_config = generation_config or {}
         self.device = model.tok_embeddings.weight.device
         self.stats = Stats()
+        self.engine: Engine | None = None        # made on the first list of prompts
+        self.max_batch_size = 16
+        self.draft: LLM | None = None            # speculative decoding's draft model (LLM.load(..., draft=DIR))
         self.decode_fn = decode_one_token
         if compile:
             self.decode_fn = torch.compile(decode_one_token, fullgraph=True,
@@ -213,10 +753,8 @@ class LLM:
             return Sampling()
         return Sampling(g.get("temperature", 1.0), g.get("top_k"), g.get("top_p", 1.0))
 
-    @torch.inference_mode()
-    def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature=None, top_k=None,
-                   top_p=None, seed=None):
-        """Yield text pieces of the continuation of prompt_ids, as they decode."""
+    def sampling(self, temperature=None, top_k=None, top_p=None) -> Sampling:
+        """The checkpoint's defaults, with what was given instead."""
         s = self.default_sampling()
         if temperature is not None:
             s.temperature = temperature
@@ -225,9 +763,20 @@ class LLM:
         if top_p is not None:
             s.top_p = top_p
         s.check()
+        return s
+
+    @torch.inference_mode()
+    def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature=None, top_k=None,
+                   top_p=None, seed=None, speculate_k: int = SPECULATE_K, prompt_lookup: int | None = None):
+        """Yield text pieces of the continuation of prompt_ids, as they decode. With a draft model, speculative
+        decoding with speculate_k guesses per step; prompt_lookup=N: N guesses per step copied from the text."""
+        s = self.sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_speculation(self.draft, speculate_k, prompt_lookup)
         context = self.model.config.max_seq_len
+        if self.draft is not None:                # the draft decodes every position too
+            context = min(context, self.draft.model.config.max_seq_len)
         if len(prompt_ids) >= context:
             raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {context}; "
                              f"shorten the prompt")
@@ -235,13 +784,22 @@ class LLM:
             raise ValueError("the prompt is empty and the tokenizer adds no BOS token: give some text")
         max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
         self.setup_cache(len(prompt_ids) + max_new_tokens)
+        if self.draft is not None:
+            self.draft.setup_cache(len(prompt_ids) + max_new_tokens)
         generator = None
         if seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
         self.stats = Stats(prompt_tokens=len(prompt_ids))
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)   # as HF pipelines print text
-        for token_id in generate_tokens(self.model, prompt_ids, max_new_tokens, s, self.tokenizer.eos_ids,
-                                        generator, self.decode_fn, self.stats):
+        if self.draft is None and prompt_lookup is None:
+            tokens = generate_tokens(self.model, prompt_ids, max_new_tokens, s, self.tokenizer.eos_ids, generator,
+                                     self.decode_fn, self.stats)
+        else:
+            guesser = PromptLookup() if prompt_lookup else DraftModel(self.draft.model, self.model.config.vocab_size)
+            tokens = speculative_generate_tokens(self.model, prompt_ids, max_new_tokens, s, guesser,
+                                                 prompt_lookup or speculate_k, self.tokenizer.eos_ids, generator,
+                                                 self.stats)
+        for token_id in tokens:
             piece = decoder.add(token_id)
             if piece:
                 yield piece
@@ -253,20 +811,44 @@ class LLM:
         # Round up so that prompts of similar length reuse one cache (and one compiled graph).
         length = min(-(-length // 256) * 256, self.model.config.max_seq_len)
         cache = self.model.layers[0].attn.kv_cache
-        if cache is None or cache.k.size(2) < length:
+        if cache is None or cache.k.size(0) != 1 or cache.k.size(2) < length:   # (the engine's has many rows)
             self.model.setup_cache(1, length, self.device)
 
     def stream(self, prompt: str, **kwargs):
         yield from self.stream_ids(self.tokenizer.encode(prompt), **kwargs)
 
-    def generate(self, prompt: str, **kwargs) -> str:
-        return "".join(self.stream(prompt, **kwargs))
+    def generate(self, prompt: str | list[str], **kwargs) -> str | list[str]:
+        """The continuation of a prompt, or of each of a list of prompts (decoded together by the engine). stop=[...]
+        ends a continuation at the first of these strings (not included)."""
+        if isinstance(prompt, str) and not kwargs.get("stop"):
+            kwargs.pop("stop", None)
+            return "".join(self.stream(prompt, **kwargs))
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        texts = self.generate_ids([self.tokenizer.encode(p) for p in prompts], **kwargs)
+        return texts[0] if isinstance(prompt, str) else texts
 
     def stream_chat(self, messages: list[dict], **kwargs):
         yield from self.stream_ids(self.tokenizer.encode_chat(messages), **kwargs)
 
-    def chat(self, messages: list[dict], **kwargs) -> str:
-        return "".join(self.stream_chat(messages, **kwargs))
+    def chat(self, messages: list[dict] | list[list[dict]], **kwargs) -> str | list[str]:
+        """The reply to a conversation (a list of messages), or to each of a list of conversations."""
+        one = not messages or isinstance(messages[0], dict)
+        if one and not kwargs.get("stop"):
+            kwargs.pop("stop", None)
+            return "".join(self.stream_chat(messages, **kwargs))
+        conversations = [messages] if one else messages
+        texts = self.generate_ids([self.tokenizer.encode_chat(m) for m in conversations], **kwargs)
+        return texts[0] if one else texts
+
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 256, temperature=None, top_k=None,
+                     top_p=None, seed=None, stop=()) -> list[str]:
+        """Continue every prompt (token ids) through the engine, all in one batch as far as its slots go. With a
+        seed, each sequence samples as it would alone with that seed."""
+        sampling = self.sampling(temperature, top_k, top_p)
+        requests = [Request(ids, max_new_tokens, sampling, seed, tuple(stop or ())) for ids in prompts]
+        if self.engine is None:
+            self.engine = Engine(self.model, self.tokenizer, self.max_batch_size)
+        return [seq.text for seq in self.engine.run(requests)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,16 +902,25 @@ def main(argv=None):
     p.add_argument("--top_k", type=int)
     p.add_argument("--top_p", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--quantize", choices=["int8", "nf4", "fp4", "bnb.int8"])
+    p.add_argument("--quantize", choices=QUANTIZE_MODES)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's dtype")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (worth it on GPUs; on small CPUs eager decoding is faster)")
+    p.add_argument("--draft", metavar="DIR", help="speculative decoding: a smaller checkpoint with the same "
+                   "tokenizer guesses --speculate_k tokens, the model checks them in one pass")
+    p.add_argument("--draft_quantize", choices=QUANTIZE_MODES, help="quantize the draft model")
+    p.add_argument("--speculate_k", type=int, default=SPECULATE_K, help="draft tokens guessed per step")
+    p.add_argument("--prompt_lookup", type=int, metavar="N", help="speculative decoding without a draft: guess N "
+                   "tokens per step, copied from what followed the text's last tokens earlier in it")
     args = p.parse_args(argv)
     try:
-        llm = LLM.load(args.checkpoint_dir, args.device, args.dtype, args.quantize, args.compile)
+        check_speculation(args.draft, args.speculate_k, args.prompt_lookup)
+        llm = LLM.load(args.checkpoint_dir, args.device, args.dtype, args.quantize, args.compile, args.draft,
+                       args.draft_quantize)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed)
+                      top_p=args.top_p, seed=args.seed, speculate_k=args.speculate_k,
+                      prompt_lookup=args.prompt_lookup)
         if args.prompt is None:
             interactive_chat(llm, args.system, **kwargs)
             return

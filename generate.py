@@ -17,6 +17,7 @@ tokens/s, time to first token and peak memory go to stderr.
 """
 
 import argparse
+import json
 import sys
 import threading
 import time

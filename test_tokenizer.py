@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from tokenizer import LLAMA31_SPECIAL_TOKENS, Tokenizer, write_byte_tokenizer
+
 # text that tends to break tokenizers: code, whitespace runs, digits, accents (NFC and NFD), CJK, emoji with ZWJ and
 # variation selectors, special-token text inside strings, control chars, the empty string
 CORPUS = [

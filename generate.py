@@ -492,6 +492,8 @@ class Engine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if max_seq_len is not None and max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2 (a prompt token and a new one), got {max_seq_len}")
         self.model, self.tokenizer = model, tokenizer
         self.device = model.tok_embeddings.weight.device
         if self.device.type == "cpu":
@@ -503,6 +505,7 @@ class Engine:
         self.running: list[Sequence] = []          # in the order they were admitted
         self.waiting: deque[Sequence] = deque()
         self.cache_len, self.cache = 0, None       # the cache this engine set up in the model
+        self.finished: dict[str, int] = {}         # sequences ended, by finish reason
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
         self.closed = False
@@ -689,6 +692,7 @@ class Engine:
             self.slots[seq.slot] = None
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.finished[update.finish_reason] = self.finished.get(update.finish_reason, 0) + 1
         self.deliver(seq, update)
         seq.done.set()
 

@@ -104,7 +104,7 @@ def with_progress(tensors, total: int, what: str, show: bool):
 
 # Hugging Face config.json keys that the model files read as sizes (positive integers where set) or as numbers.
 HF_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+                "num_key_value_heads", "head_dim", "max_position_embeddings")
 HF_NUMBER_KEYS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "rope_local_base_freq", "partial_rotary_factor",
                   "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")
 
@@ -141,12 +141,13 @@ def read_hf_config(hf_dir: Path):
 
 
 def check_layer_count(config, names: list[str] | None, src: Path):
-    """The layer count of config.json against the layers the weights hold, before a model of that many layers is
-    built (even on the meta device, 100000 layers take minutes)."""
+    """Refuse a config.json with more layers than the weights hold before a model of that many layers is built
+    (even on the meta device, 100000 layers take minutes). Fewer is left to the weight mapping, which names what
+    it does not expect (a multimodal checkpoint also holds its vision encoder's layers)."""
     if names is None:
         return
     layers = {match.group(1) for name in names for match in [re.search(r"(?:^|\.)layers\.(\d+)\.", name)] if match}
-    if len(layers) != config.n_layer:
+    if config.n_layer > len(layers):
         raise ValueError(f"{src / 'config.json'} disagrees with the weights: it has {config.n_layer} layers, "
                          f"the weights hold {len(layers)}")
 
@@ -268,11 +269,16 @@ def checkpoints_root() -> Path:
     return Path(os.environ.get("FLATLM_CHECKPOINTS") or "checkpoints")
 
 
+def is_repo_id(name) -> bool:
+    """org/name, and not a path: a missing dir/name under an existing local dir is a mistyped path."""
+    return bool(REPO_ID.fullmatch(str(name))) and not os.path.lexists(name) and not Path(name).parent.is_dir()
+
+
 def resolve_checkpoint(name_or_dir) -> Path:
-    """The native checkpoint dir to load for name_or_dir: itself when it is a directory (or not a repo id: the
-    loader then says what is wrong with it), else the conversion of Hub repo org/name, made on first use."""
+    """The native checkpoint dir to load for name_or_dir: itself unless it is a Hub repo id (the loader then says
+    what is wrong with a path), else the conversion of Hub repo org/name, made on first use."""
     path = Path(name_or_dir)
-    if path.is_dir() or not REPO_ID.fullmatch(str(name_or_dir)):
+    if not is_repo_id(name_or_dir):
         return path
     out = checkpoints_root() / str(name_or_dir)
     if (out / "config.json").is_file():          # converted before (atomic_dir never leaves half a dir)
@@ -302,18 +308,22 @@ def download(repo_id: str) -> tuple[Path, Path]:
         raise ValueError(f"{repo_id} is gated: accept its conditions at https://huggingface.co/{repo_id}, then log "
                          f"in with `hf auth login` (or set HF_TOKEN)") from None
     except RepositoryNotFoundError:
-        raise ValueError(f"no model {repo_id!r} on the Hugging Face Hub, or it is private (log in with "
-                         f"`hf auth login`): check the exact repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct") from None
+        raise ValueError(f"{repo_id} is neither a directory here nor a model on the Hugging Face Hub (a private "
+                         f"one needs `hf auth login`): check the path, or the exact repo id, e.g. "
+                         f"HuggingFaceTB/SmolLM2-135M-Instruct") from None
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise ValueError(f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                             f"HF_HUB_OFFLINE is set: check the exact repo id, or unset HF_HUB_OFFLINE to "
-                             f"download it") from None
+            raise ValueError(f"{repo_id} is neither a directory here nor a model in the Hugging Face cache "
+                             f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set: check the path or the exact "
+                             f"repo id, or unset HF_HUB_OFFLINE to download it") from None
         raise ValueError(f"cannot reach the Hugging Face Hub to download {repo_id} (no network?) and it is not in "
                          f"the cache ({constants.HF_HUB_CACHE}): connect, or fetch it elsewhere with "
                          f"`hf download {repo_id}`, copy that cache here and set HF_HUB_OFFLINE=1") from None
     except HfHubHTTPError as e:
         raise ValueError(f"the Hugging Face Hub refused {repo_id}: {str(e).splitlines()[0]}") from None
+    except Exception as e:                       # the network fails in many types: proxies, TLS, a cut connection
+        raise ValueError(f"fetching {repo_id} from the Hugging Face Hub failed: {type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]}") from None
     return snapshot, snapshot.parent.parent
 
 
@@ -333,7 +343,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     src = Path(args.src)
-    by_name = not args.to_hf and not os.path.lexists(src) and REPO_ID.fullmatch(args.src)
+    by_name = not args.to_hf and is_repo_id(args.src)
     if args.out is None and not by_name:
         sys.exit(f"error: give an output dir: python convert_hf.py {args.src} OUT_DIR (only a Hub repo id org/name "
                  f"has a default, checkpoints/org/name)")

@@ -214,7 +214,8 @@ def test_bad_config_json_names_the_file_and_the_key(tmp_path):
     for bad, key in (([good], "JSON object"),
                      ({k: v for k, v in good.items() if k != "num_attention_heads"}, "num_attention_heads"),
                      ({**good, "num_hidden_layers": "2"}, "num_hidden_layers"),
-                     ({**good, "hidden_size": 0}, "hidden_size")):
+                     ({**good, "hidden_size": 0}, "hidden_size"),
+                     ({**good, "num_hidden_layers": 100000}, "it has 100000 layers, the weights hold 2")):
         path.write_text(json.dumps(bad))
         message = main_error(tmp_path / "hf", tmp_path / "out")
         assert str(path) in message and key in message, message

@@ -24,8 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import models
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from models import DTYPES
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading: (name, tensor) pairs from safetensors (single or sharded) or pytorch_model*.bin, one at a time.

@@ -31,9 +31,8 @@ import torch
 import torch.nn as nn
 
 import models
+from models import DTYPES, QUANTIZE_MODES
 from tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling
@@ -745,7 +744,7 @@ class LLM:
             split_linears_for_cpu(model)
         adapter = checkpoint_dir / "adapter.safetensors"
         if adapter.is_file():                     # a LLaMA-Adapter cannot be merged into the weights: apply it
-            import finetune_lora
+            import finetune_lora                  # only on this path: generating needs no training code
             if finetune_lora.adapter_metadata(adapter)["merged"] == "false":
                 finetune_lora.load_adapter(model, adapter)
         gen_path = checkpoint_dir / "generation_config.json"

@@ -288,6 +288,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# The dtypes a command line may name (generate.py --dtype, convert_hf.py --dtype, LLM.load(dtype="bfloat16")).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def peak_memory_gib(device) -> float:
+    """This process's peak memory so far: the CUDA allocator's peak on a GPU, else the peak resident set size."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB on Linux
+
+
 def check_device(device=None) -> torch.device:
     """The torch.device for a name (default: cuda if there is one, else cpu), or a one-line error when this
     machine has no such device."""

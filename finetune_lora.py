@@ -1,6 +1,6 @@
 """Parameter-efficient finetuning: LoRA, QLoRA and LLaMA-Adapter layers; saving, loading and merging adapters.
 
-    python finetune_lora.py RECIPE.yaml [key=value ...]      # runs: python train.py RECIPE.yaml method=lora ...
+    python finetune_lora.py RECIPE.yaml [key=value ...]      # = python train.py RECIPE.yaml method=lora ...
     python finetune_lora.py merge CHECKPOINT ADAPTER OUT     # fold a LoRA adapter into the base weights
 
 Python:
@@ -20,8 +20,6 @@ Shapes: B batch, T tokens, C model width, H query heads, K key/value heads, D he
 """
 
 import math
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -156,7 +154,9 @@ def merge_lora(model):
 class AdapterAttention(nn.Module):
     def __init__(self, attn: nn.Module, prompt_len: int = 10, dtype=None, device=None):
         super().__init__()
-        self.attn = attn                                                   # the frozen attention of this block
+        # The frozen attention of this block, named `base` as LoRALinear names the linear it wraps: its tensors are
+        # layers.i.attn.base.* here and layers.i.attn.* in the checkpoint (base_name maps one to the other).
+        self.base = attn
         c = attn.config
         self.prompt = nn.Parameter(torch.empty(prompt_len, c.dim, dtype=dtype, device=device))  # (P, C)
         self.gate = nn.Parameter(torch.empty(c.n_head, dtype=dtype, device=device))             # (H,)
@@ -166,31 +166,33 @@ class AdapterAttention(nn.Module):
         nn.init.normal_(self.prompt, std=0.02)
         nn.init.zeros_(self.gate)                                          # zero-init attention: a no-op
 
-    # model.setup_cache() and clear_cache() assign block.attn.kv_cache and generate.py reads it: both must reach
-    # the wrapped attention, which owns the cache.
+    # The KV cache belongs to the wrapped attention, which reads it in its forward; but a model file's setup_cache()
+    # and clear_cache() assign block.attn.kv_cache, and generate.py reads it, on whatever block.attn is. So reading
+    # kv_cache here reads the base's, and assigning it assigns the base's. (Not a property setter: nn.Module's
+    # __setattr__ registers a Module value, a KVCache, as a child of this wrapper before a setter could run.)
     @property
     def kv_cache(self):
-        return self.attn.kv_cache
+        return self.base.kv_cache
 
     def __setattr__(self, name, value):
         if name == "kv_cache":
-            setattr(self.attn, name, value)
+            setattr(self.base, name, value)
         else:
             super().__setattr__(name, value)
 
     def forward(self, x, cos, sin, mask, input_pos=None, cache_rows=None):
-        y = self.attn(x, cos, sin, mask, input_pos, cache_rows)            # (B, T, C), the cache updated as usual
+        y = self.base(x, cos, sin, mask, input_pos, cache_rows)            # (B, T, C), the cache updated as usual
         B, T, _ = x.shape
-        c = self.attn.config
+        c = self.base.config
         H, K, D = c.n_head, c.n_kv_head, c.head_dim
-        q, _, _ = self.attn.heads(x, cos, sin)                             # (B, H, T, D)
+        q, _, _ = self.base.heads(x, cos, sin)                             # (B, H, T, D)
         P = self.prompt.size(0)
         no_rotation = cos.new_ones(P, cos.size(-1)), sin.new_zeros(P, sin.size(-1))  # cos 1, sin 0: identity
         prompt = self.prompt.to(x.dtype).expand(B, P, -1)                  # (B, P, C)
-        _, k_p, v_p = self.attn.heads(prompt, *no_rotation)                # (B, K, P, D) x 2
+        _, k_p, v_p = self.base.heads(prompt, *no_rotation)                # (B, K, P, D) x 2
         # Every token sees every prompt vector: no mask. Gemma scales scores by its own attn.scale (Gemma 2's
         # soft-cap is left to the tokens' own scores).
-        y_p = F.scaled_dot_product_attention(q, k_p, v_p, scale=getattr(self.attn, "scale", None),
+        y_p = F.scaled_dot_product_attention(q, k_p, v_p, scale=getattr(self.base, "scale", None),
                                              enable_gqa=H != K)            # (B, H, T, D)
         y_p = y_p * self.gate.to(x.dtype).view(1, H, 1, 1)
         y_p = y_p.transpose(1, 2).reshape(B, T, H * D)                     # heads side by side
@@ -198,7 +200,7 @@ class AdapterAttention(nn.Module):
 
     def project(self, y_p):
         # attn.o's weight without its bias: the bias is already in y, once.
-        o = self.attn.o
+        o = self.base.o
         if type(o) is nn.Linear:
             return F.linear(y_p, o.weight)
         out = o(y_p)                                                       # a quantized o adds its bias: take it off
@@ -221,19 +223,11 @@ def apply_adapter(model, prompt_len: int = 10, n_layers: int = 2):
     return model
 
 
-def reset_parameters(model):
-    """Initialise every LoRA and adapter tensor afresh (for a model whose adapters were made on the meta device and
-    then materialised with to_empty, as train.py does under FSDP)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (LoRALinear, AdapterAttention)):
-                m.reset_parameters()
-
-
 def base_name(name: str) -> str:
-    """The name in the base checkpoint of a wrapped model's tensor: layers.0.attn.qkv.base.weight and (adapter)
-    layers.1.attn.attn.qkv.weight are layers.0.attn.qkv.weight and layers.1.attn.qkv.weight there."""
-    return name.replace(".base.", ".").replace(".attn.attn.", ".attn.")
+    """The name in the base checkpoint of a wrapped model's tensor: LoRALinear and AdapterAttention both call what
+    they wrap `base`, so layers.0.attn.qkv.base.weight (LoRA) and layers.1.attn.base.qkv.weight (adapter) are
+    layers.0.attn.qkv.weight and layers.1.attn.qkv.weight there."""
+    return name.replace(".base.", ".")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,16 +307,8 @@ def metadata_string(value) -> str:
 
 
 def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str]):
-    """save_file to a temporary name beside path, then rename it: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """save_file through models.atomic_file (a temporary beside path, renamed over it): never half a file."""
+    models.atomic_file(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def adapter_metadata(path) -> dict[str, str]:
@@ -386,27 +372,14 @@ def merge_checkpoint(checkpoint_dir, adapter_path, out_dir) -> Path:
     mergeable = meta["kind"] == "lora"
     if mergeable:
         merge_lora(model)
-    weight_files = models.weight_files(checkpoint_dir)
-
-    def fill(tmp: Path):
-        if mergeable:                            # shards no larger than the base's, in the same native layout
-            state = {name: t for name, t in model.state_dict().items()   # a tied head: stored as the embedding
-                     if not (config.tie_embeddings and name == "lm_head.weight")}
-            writer = models.ShardWriter(tmp, max(f.stat().st_size for f in weight_files),
-                                        {name: t.shape for name, t in state.items()})
-            for name, tensor in state.items():
-                writer.add(name, tensor)
-            writer.close()
-        else:                                    # the base weights, byte for byte
-            index = checkpoint_dir / "model.safetensors.index.json"
-            for f in weight_files + ([index] if index.is_file() else []):
-                shutil.copyfile(f, tmp / f.name)
-        shutil.copyfile(checkpoint_dir / "config.json", tmp / "config.json")
-        models.copy_tokenizer_files(checkpoint_dir, tmp)
-        write_safetensors(load_file(adapter_path), tmp / "adapter.safetensors",
-                          {**meta, "merged": "true" if mergeable else "false"})
-
-    models.atomic_dir(out_dir, fill)
+    # The one checkpoint writer (models.save), with shards no larger than the base's. A LLaMA-Adapter leaves the
+    # base weights as they are.
+    state = model.state_dict() if mergeable else models.load_state_dict(checkpoint_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "adapter.safetensors"
+        write_safetensors(load_file(adapter_path), adapter, {**meta, "merged": "true" if mergeable else "false"})
+        shard_bytes = models.largest_file_bytes(models.weight_files(checkpoint_dir))
+        models.save(state, config, out_dir, checkpoint_dir, shard_bytes, extra_files={"adapter.safetensors": adapter})
     if not mergeable:
         print(f"note: a LLaMA-Adapter cannot be folded into plain weights; {out_dir} holds the base weights and "
               f"adapter.safetensors (merged=false), which finetune_lora.load_adapter applies at load time",
@@ -419,27 +392,21 @@ def merge_checkpoint(checkpoint_dir, adapter_path, out_dir) -> Path:
 
 USAGE = "python finetune_lora.py RECIPE.yaml [key=value ...] | python finetune_lora.py merge CHECKPOINT ADAPTER OUT"
 PEFT_METHODS = ("lora", "qlora", "adapter")
-TRAIN_SCRIPT = Path(__file__).resolve().with_name("train.py")
 
 
 def run_train(recipe, overrides: list[str]):
-    """Replace this process with train.py on the recipe, method=lora unless an override names another PEFT
-    method. train.py is run, not imported: it owns the training loop."""
-    recipe, train = Path(recipe), TRAIN_SCRIPT
-    if not recipe.is_file():
-        raise FileNotFoundError(f"recipe {recipe} not found")
-    if not train.is_file():
-        raise FileNotFoundError(f"{train} not found")
+    """train.py's main on the recipe, with method=lora unless an override names another PEFT method. train.py owns
+    the training loop and builds on this file, so it is imported here, when a recipe is run, not at the top."""
     for o in overrides:
-        if "=" not in o:
+        key, eq, value = o.partition("=")
+        if not eq:
             raise ValueError(f"overrides are key=value, got {o!r}")
-        key, _, value = o.partition("=")
         if key == "method" and value not in PEFT_METHODS:
             raise ValueError(f"finetune_lora.py runs method={'|'.join(PEFT_METHODS)}, got method={value}; "
                              f"for other methods run train.py")
     method = [] if any(o.startswith("method=") for o in overrides) else ["method=lora"]
-    sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, str(train), str(recipe), *method, *overrides])
+    import train
+    train.main([str(recipe), *method, *overrides])
 
 
 def main(argv=None):
@@ -458,7 +425,8 @@ def main(argv=None):
         else:
             run_train(argv[0], argv[1:])
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,28 @@ def test_prepare_command_line_splits_one_text_file_by_tokens(smollm2_dir, tok, t
     val = np.fromfile(tmp_path / "out" / "val.bin", dtype=np.uint16)
     assert np.concatenate([train, val]).tolist() == tok.encode(text) + [tok.eos_id]
     assert meta["val_tokens"] == len(val) == round(0.1 * (len(train) + len(val)))
+
+
+BYTES = Path(__file__).parent / "recipes" / "tokenizers" / "bytes"    # a byte-level tokenizer: quick to load
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "{tmp}/nowhere", "{tmp}/out", "--tokenizer", str(BYTES)], "data: {tmp}/nowhere not found"),
+    (["prepare", "{tmp}/latin1.txt", "{tmp}/out", "--tokenizer", str(BYTES)],
+     "data: {tmp}/latin1.txt is not UTF-8 text (byte 0xe9 at byte offset 3)"),
+    (["prepare", "{tmp}/good.txt", "{tmp}/out", "--tokenizer", "{tmp}/no-tokenizer"], "{tmp}/no-tokenizer"),
+    (["prepare", "{tmp}/good.txt", "{tmp}/out", "--tokenizer", str(BYTES), "--val_fraction", "2"],
+     "--val_fraction must be in [0, 1), got 2.0"),
+])
+def test_command_line_errors_are_one_line(argv, message, tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin-1"))
+    (tmp_path / "good.txt").write_text("All the world's a stage.")
+    with pytest.raises(SystemExit) as e:
+        data.main([a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(tmp=tmp_path) in lines[0], lines
+    assert not (tmp_path / "out" / "train.bin").exists()
 
 
 def test_windows_are_a_function_of_seed_and_step(corpus):
@@ -324,6 +347,13 @@ def test_strip_gutenberg_keeps_only_the_text():
             "License: ...\n")
     assert data.strip_gutenberg(text) == "From fairest creatures we desire increase,\n"
     assert data.strip_gutenberg("Plain verse,\nno license.\n") == "Plain verse,\nno license.\n"
+
+
+def test_shakespeare_is_never_fetched_into_a_folder_of_other_files(tmp_path):
+    (tmp_path / "mine.txt").write_text("my own corpus")
+    with pytest.raises(ValueError, match="already holds other files"):
+        data.shakespeare_texts(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
 def test_shakespeare_texts_are_the_plays_in_verse(shakespeare_dir, monkeypatch):

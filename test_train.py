@@ -3,8 +3,10 @@ recipes are validated, and bad input fails with one line."""
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,9 @@ from transformers import AutoModelForCausalLM
 import convert_hf
 import finetune_lora
 import models
+import recipe as recipe_lib
 import train
+from conftest import tiny_pretraining
 from generate import LLM
 
 ROOT = Path(__file__).parent
@@ -32,7 +36,9 @@ def losses(out_dir: Path, column="loss") -> dict[int, float]:
 
 
 def tiny_lora(tiny_dir, out_dir, *overrides):
-    return run("smollm2_135m_lora.yaml", f"checkpoint_dir={tiny_dir}", f"out_dir={out_dir}", "data.max_seq_len=48",
+    # model={}: the recipe was written for SmolLM2-135M, and tiny_dir is a much smaller Llama
+    return run("smollm2_135m_lora.yaml", f"checkpoint_dir={tiny_dir}", "model={}", f"out_dir={out_dir}",
+               "data.max_seq_len=48",
                "global_batch_size=4", "micro_batch_size=2", "eval_interval=0", "eval_batches=1", *overrides)
 
 
@@ -144,7 +150,7 @@ def test_resume_true_picks_the_latest_checkpoint(tiny_dir, tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_parses_and_builds_on_meta(path):
     recipe = train.load_recipe(path)
-    m, config = train.preset_config(recipe.model)
+    m, config = recipe_lib.preset_config(recipe.model)
     with torch.device("meta"):
         model = m.Transformer(config)
         if recipe.method == "qlora":          # 4-bit quantization needs real weights: check the LoRA part
@@ -187,9 +193,135 @@ def test_bad_values_and_missing_files(tmp_path):
 def test_bad_data_record_names_file_and_line(tiny_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n" + '{"instruction": "Hi"}\n')
-    r = cli(ROOT / "recipes" / "smollm2_135m_lora.yaml", f"checkpoint_dir={tiny_dir}", f"data.path={bad}",
+    r = cli(ROOT / "recipes" / "smollm2_135m_lora.yaml", f"checkpoint_dir={tiny_dir}", "model={}", f"data.path={bad}",
             f"out_dir={tmp_path / 'out'}")
     assert_one_line_error(r, f"{bad}:2")
+
+
+def test_a_finetuning_recipe_refuses_a_checkpoint_of_another_architecture(tiny_dir, capsys):
+    # smollm2_135m_lora.yaml says model: {family: llama, preset: SmolLM2-135M}; tiny_dir is a 2-layer Llama
+    error = main_error(capsys, ROOT / "recipes" / "smollm2_135m_lora.yaml", f"checkpoint_dir={tiny_dir}")
+    assert "model section (llama preset SmolLM2-135M) does not match" in error and "model={}" in error
+    assert "n_layer is 2 there, 30 in the recipe" in error or "dim is 64 there" in error
+    error = main_error(capsys, ROOT / "recipes" / "gemma2_2b_lora.yaml", f"checkpoint_dir={tiny_dir}")
+    assert "(gemma preset gemma-2-2b)" in error and "a llama checkpoint" in error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a user may type: each mistake is one line naming it, and nothing is written or replaced
+
+
+def main_error(capsys, *argv) -> str:
+    """train.main on argv, which must fail with exit status 1 and one line, `error: ...`, on stderr: that line."""
+    with pytest.raises(SystemExit) as e:
+        train.main(list(map(str, argv)))
+    assert e.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and sum(ln.startswith("error") for ln in lines) == 1, lines
+    return lines[-1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_steps=-3", "max_steps must be >= 1, got -3"),
+    ("max_steps=2.5", "recipe key 'max_steps' must be a whole number, got 2.5"),
+    ("global_batch_size=0", "global_batch_size must be >= 1, got 0"),
+    ("micro_batch_size=0", "micro_batch_size must be >= 1, got 0"),
+    ("log_interval=0", "log_interval must be >= 1, got 0"),
+    ("eval_interval=-1", "eval_interval must be >= 0, got -1"),
+    ("data.val_fraction=1.5", "data.val_fraction must be in [0, 1), got 1.5"),
+    ("data.path=[oops", "override 'data.path=[oops' is not valid YAML"),
+    ("eval.limit=-2", "eval.limit must be a count >= 1 or a fraction < 1, got -2"),
+])
+def test_bad_values_stop_before_anything_is_written(override, message, small_corpus, tmp_path, capsys):
+    (tmp_path / "final").mkdir()                                     # a finished run's result: never replaced
+    (tmp_path / "final" / "config.json").write_text("{}")
+    error = main_error(capsys, *tiny_pretraining(small_corpus, tmp_path, "llama", override))
+    assert message in error
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert [p.name for p in (tmp_path / "final").iterdir()] == ["config.json"]
+
+
+def test_invalid_yaml_and_an_out_dir_that_is_a_file(small_corpus, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: lora\ndata: {path: x.json\nmax_steps: 3\n")
+    assert f"error: {bad} is not valid YAML at line " in main_error(capsys, bad)
+    (tmp_path / "taken").write_text("not a directory")
+    error = main_error(capsys, *tiny_pretraining(small_corpus, tmp_path / "taken", "llama"))
+    assert f"out_dir {tmp_path / 'taken'} is a file" in error
+
+
+def test_data_that_is_not_utf8_is_named(tiny_dir, tmp_path, capsys):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps({"instruction": "Hi", "output": "Hello"}).encode() + b"\n" +
+                       '{"instruction": "Caf\u00e9?", "output": "Oui"}\n'.encode("latin-1"))
+    error = main_error(capsys, ROOT / "recipes" / "smollm2_135m_lora.yaml", f"checkpoint_dir={tiny_dir}", "model={}",
+                       f"data.path={latin1}", f"out_dir={tmp_path / 'out'}")
+    assert f"{latin1} is not UTF-8 text (byte 0xe9 at line 2)" in error
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "good.txt").write_text("To be, or not to be.")
+    (corpus / "bad.txt").write_bytes("Caf\u00e9".encode("latin-1"))
+    error = main_error(capsys, *tiny_pretraining(corpus, tmp_path / "pre", "llama"))
+    assert f"{corpus / 'bad.txt'} is not UTF-8 text" in error
+
+
+def test_a_non_finite_loss_stops_training_and_saves_nothing(small_corpus, tmp_path):
+    args = tiny_pretraining(small_corpus, tmp_path, "llama", "optimizer.lr=1e30", "max_steps=6", "save_interval=1")
+    with pytest.raises(train.TrainingError, match=r"^step (\d): the loss is (nan|inf); stopped, nothing saved") as e:
+        train.train(recipe_lib.load_recipe(args[0], args[1:]), train.Env())
+    last_finite = int(e.value.args[0].split()[1][:-1]) - 1
+    assert last_finite >= 1 and not (tmp_path / "final").exists()
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert saved == [f"step-{s:06d}" for s in range(1, last_finite + 1)]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == saved[-1]
+
+
+@pytest.fixture
+def saved_run(small_corpus, tmp_path) -> Path:
+    """A finished 4-step pretraining run with checkpoints at steps 2 and 4."""
+    train.main(tiny_pretraining(small_corpus, tmp_path / "run", "llama", "max_steps=4", "save_interval=2"))
+    return tmp_path / "run"
+
+
+def test_resuming_needs_a_readable_checkpoint_of_this_run(saved_run, small_corpus, tmp_path, capsys):
+    checkpoint = saved_run / "checkpoints" / "step-000002"
+    other = tmp_path / "other"
+    error = main_error(capsys, *tiny_pretraining(small_corpus, other, "llama", "model.n_layer=3",
+                                                 f"resume={checkpoint}"))
+    assert f"resume: {checkpoint} is a checkpoint of another run: n_layer is 2 there, 3 in this recipe" in error
+    error = main_error(capsys, *tiny_pretraining(small_corpus, other, "llama", "max_steps=1", f"resume={checkpoint}"))
+    assert "is at step 2, past max_steps=1" in error
+    (saved_run / "checkpoints" / "latest").write_text("step-000099")
+    error = main_error(capsys, *tiny_pretraining(small_corpus, saved_run, "llama", "resume=true"))
+    assert "latest names step-000099, which is missing or incomplete" in error
+    shard = checkpoint / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    error = main_error(capsys, *tiny_pretraining(small_corpus, other, "llama", "max_steps=4", f"resume={checkpoint}"))
+    assert f"cannot read the training checkpoint {checkpoint}" in error
+    assert not (other / "final").exists()
+
+
+def test_a_run_killed_at_any_moment_resumes_with_the_losses_of_one_that_never_stopped(small_corpus, tmp_path):
+    def args(out, *more):
+        return tiny_pretraining(small_corpus, out, "llama", "max_steps=8", "save_interval=1", "eval_interval=2",
+                                *more)
+    train.main(args(tmp_path / "straight"))
+    killed = tmp_path / "killed"
+    run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(killed)], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000003").exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)                                   # somewhere in step 4 or its checkpoint
+    run.wait()
+    assert not (killed / "final").exists()
+    train.main(args(killed, "resume=true"))
+    for column in ("loss", "val_loss"):                               # one row per step, the same numbers
+        assert losses(killed, column) == losses(tmp_path / "straight", column)
+    with open(killed / "log.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == list(range(1, 9))
+    a, b = models.load_state_dict(tmp_path / "straight" / "final"), models.load_state_dict(killed / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """The one training loop: pretraining from a preset, and full / LoRA / QLoRA / Adapter finetuning of a checkpoint,
-driven by a YAML recipe, on one device or many.
+driven by a YAML recipe (recipe.py), on one device or many.
 
     python train.py recipes/X.yaml [key=value ...]                    # dotted keys override nested ones
     torchrun --nproc_per_node=N train.py recipes/X.yaml [key=value ...]   # FSDP2 across N processes
     python train.py consolidate OUT_DIR/checkpoints/step-000100 OUT      # a training checkpoint -> native dir
 
-Read it top to bottom: the recipe, distributed setup, the model and its method, data, the optimizer and LR
-schedule, checkpoints (resumable, atomic), the loop, and the final checkpoint in out_dir/final/.
+Read it top to bottom: distributed setup, the model and its method, data, the optimizer and LR schedule, one
+training step, checkpoints (resumable, atomic), logging, then train(), the loop itself, and the final checkpoint
+in out_dir/final/.
 """
 
 import csv
@@ -16,13 +17,12 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,165 +31,17 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.checkpoint import checkpoint
 
+import convert_hf
 import data as datalib
 import finetune_lora
 import models
+from data import note
+from recipe import Recipe, RecipeError, build, load_recipe, model_config
 from tokenizer import Tokenizer
 
-# ----------------------------------------------------------------------------------------------------------------
-# The recipe: a flat YAML file with a few sections. Every key is listed here with its default; anything else is an
-# error that names the valid keys.
 
-METHODS = ("pretrain", "full", "lora", "qlora", "adapter")
-PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed")
-
-
-@dataclass
-class DataConfig:
-    path: str = ""                    # pretrain: text folder / .txt / .jsonl, or a dir prepared by data.py;
-                                      # finetune: Alpaca JSON/JSONL or chat JSONL
-    fetch: str | None = None          # "shakespeare": download the plays into path when it is missing
-    val_path: str | None = None       # finetune: a separate validation file (else val_fraction of path)
-    val_fraction: float = 0.05
-    max_seq_len: int = 512            # pretrain: window length; finetune: truncation length
-    packing: bool = False             # finetune: pack examples into max_seq_len rows instead of padding
-    prompt_style: str = "auto"        # finetune: auto (the chat template if any) | chat | plain
-
-
-@dataclass
-class LoRAConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list = field(default_factory=lambda: ["qkv", "o", "gate_up", "up", "down"])
-    head: bool = False
-
-
-@dataclass
-class AdapterConfig:
-    prompt_len: int = 10
-    n_layers: int = 2                 # the top n_layers blocks get a prompt
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float = 3e-4
-    min_lr: float = 0.0               # cosine decay ends here
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float = 1.0            # max global gradient norm; 0 turns clipping off
-
-
-@dataclass
-class DistributedConfig:
-    sharding: str = "full"            # full: FSDP over all processes; hybrid: shard within a node, replicate across
-    shard_size: int = 0               # hybrid: processes per shard group (0: LOCAL_WORLD_SIZE, i.e. one node)
-    cpu_offload: bool = False         # keep sharded parameters, gradients and optimizer state in CPU memory
-
-
-@dataclass
-class Recipe:
-    method: str = "lora"
-    checkpoint_dir: str | None = None  # what to finetune (a native checkpoint dir)
-    model: dict = field(default_factory=dict)  # {family, preset, any Config field}: what pretraining builds; for
-                                                # finetuning, the architecture the recipe expects (dry runs)
-    tokenizer_dir: str | None = None   # pretrain: whose tokenizer (default: checkpoint_dir)
-    out_dir: str = "out/run"
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    global_batch_size: int = 16        # examples per optimizer step, across all processes
-    micro_batch_size: int = 4          # examples per forward/backward on one process
-    max_steps: int = 100
-    precision: str = "32-true"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    eval_interval: int = 50            # validation loss every N steps (and at the end); 0: only at the end
-    eval_batches: int = 8
-    log_interval: int = 1
-    save_interval: int = 0             # a resumable checkpoint every N steps (0: only the final one)
-    resume: bool | str = False         # true: the latest checkpoint in out_dir; or a checkpoint path
-    seed: int = 1337
-
-
-class RecipeError(ValueError):
+class TrainingError(RuntimeError):
     pass
-
-
-def recipe_keys(cls, prefix="") -> list[str]:
-    keys = []
-    for f in fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        keys += recipe_keys(type(default), f"{prefix}{f.name}.") if is_dataclass(default) else [prefix + f.name]
-    return keys
-
-
-def build(cls, raw: dict, prefix=""):
-    """raw dict -> dataclass, checking every key and coercing scalar types (YAML reads 3e-4 as a string)."""
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe section {prefix.rstrip('.') or 'top level'} must be a mapping, got {raw!r}")
-    by_name = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in by_name:
-            raise RecipeError(f"unknown recipe key {prefix + key!r}; valid keys: {', '.join(recipe_keys(Recipe))}")
-        f = by_name[key]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kwargs[key] = build(type(default), value, f"{prefix}{key}.") if is_dataclass(default) else \
-            coerce(value, default, prefix + key)
-    return cls(**kwargs)
-
-
-def coerce(value, default, key):
-    if value is None or default is None or isinstance(default, (dict, list)) and isinstance(value, type(default)):
-        return value
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            return value if isinstance(value, bool) or key == "resume" else bool(int(value))
-        if isinstance(default, (int, float)) and not isinstance(value, bool):
-            return type(default)(float(value)) if isinstance(default, int) and float(value).is_integer() else \
-                type(default)(value)
-        if isinstance(default, str):
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    raise RecipeError(f"recipe key {key!r} must be a {type(default).__name__}, got {value!r}")
-
-
-def load_recipe(path, overrides=()) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise RecipeError(f"override {item!r} is not key=value")
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {}) if isinstance(node, dict) else {}
-        node[leaf] = yaml.safe_load(value)
-    r = build(Recipe, raw)
-    if r.method not in METHODS:
-        raise RecipeError(f"method {r.method!r} is not one of {', '.join(METHODS)}")
-    if r.precision not in PRECISIONS:
-        raise RecipeError(f"precision {r.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if r.distributed.sharding not in ("full", "hybrid"):
-        raise RecipeError(f"distributed.sharding {r.distributed.sharding!r} is not one of full, hybrid")
-    if r.method == "pretrain" and not r.model.get("preset"):
-        raise RecipeError("method pretrain needs model.family and model.preset (a preset of models/<family>.py)")
-    if r.method != "pretrain" and not r.checkpoint_dir:
-        raise RecipeError(f"method {r.method} needs checkpoint_dir (a converted checkpoint, see convert_hf.py)")
-    if not r.data.path:
-        raise RecipeError("the recipe needs data.path")
-    return r
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,7 +76,7 @@ def setup_env() -> Env:
             dist.init_process_group("xla", init_method="xla://")
         return Env(xr.global_ordinal(), xr.world_size(), xr.local_ordinal(), torch_xla.device(), xla=True)
     if "RANK" not in os.environ:
-        return Env(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return Env(device=models.default_device())
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local)
@@ -236,54 +88,29 @@ def setup_env() -> Env:
     return Env(rank, world, local, device)
 
 
-def log(env: Env, *args):
-    if env.main:
-        print(*args, file=sys.stderr, flush=True)
+def barrier(env: Env):
+    if env.xla:
+        import torch_xla.core.xla_model as xm
+        xm.rendezvous("barrier")
+    elif env.world_size > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(value: float, env: Env) -> float:
+    if env.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The model: built from a preset (pretrain) or loaded from a checkpoint, then given its method's trainable parts.
+# The model: built on the meta device (only shapes) or loaded from the checkpoint, given its method's trainable
+# parts, sharded, and then every tensor is set to its starting value.
 
 
 def param_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16-true" else torch.float32
-
-
-def preset_config(spec: dict):
-    """(model file, Config) of a recipe's model section: a preset of models/<family>.py and any fields to change."""
-    spec = dict(spec)
-    if "preset" not in spec:
-        raise RecipeError("the recipe's model section needs a preset (and family, default llama)")
-    m = models.module(spec.pop("family", "llama"))
-    config = m.Config.from_name(spec.pop("preset"))
-    valid = {f.name for f in fields(config)}
-    unknown = sorted(set(spec) - valid)
-    if unknown:
-        raise RecipeError(f"unknown model keys {unknown}; valid: {', '.join(sorted(valid))}")
-    if "dim" in spec and "head_dim" not in spec:   # a new width: derive the head size again
-        spec["head_dim"] = spec["dim"] // spec.get("n_head", config.n_head)
-    return m, dataclasses.replace(config, **spec)
-
-
-def model_config(recipe: Recipe):
-    """(model file, Config) of the model to train: the preset for pretraining, else the checkpoint's own."""
-    if recipe.method == "pretrain":
-        return preset_config(recipe.model)
-    return models.read_config(recipe.checkpoint_dir)
-
-
-def build_model(recipe: Recipe, device, meta: bool = False):
-    """The model before its method: a preset at random init (pretrain) or the checkpoint, memory-mapped; or, with
-    meta=True, only its shapes (under FSDP each process fills its own shards afterwards)."""
-    m, config = model_config(recipe)
-    if meta:
-        with torch.device("meta"):
-            return m.Transformer(config)
-    if recipe.method == "pretrain":
-        torch.manual_seed(recipe.seed)
-        with torch.device(device):
-            return m.Transformer(config).to(param_dtype(recipe.precision))
-    return models.load(recipe.checkpoint_dir, device=device, dtype=param_dtype(recipe.precision))
 
 
 def apply_method(model, recipe: Recipe):
@@ -300,24 +127,6 @@ def apply_method(model, recipe: Recipe):
         for block in model.layers:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return model
-
-
-def adapter_init_state(model, seed: int) -> dict:
-    """Starting values of the LoRA / adapter tensors, drawn in full on the CPU in module order from one seed, so
-    that every run starts alike whether the model is whole or sharded over any number of processes."""
-    torch.manual_seed(seed)
-    state = {}
-    for prefix, m in model.named_modules():
-        if isinstance(m, (finetune_lora.LoRALinear, finetune_lora.AdapterAttention)):
-            own = dict(m.named_parameters(recurse=False))
-            for name, p in own.items():                              # full-size CPU stand-ins ...
-                setattr(m, name, torch.nn.Parameter(torch.empty(p.shape, dtype=torch.float32)))
-            with torch.no_grad():
-                m.reset_parameters()                                 # ... initialised by the layer itself
-            for name, p in own.items():
-                state[f"{prefix}.{name}"] = getattr(m, name).detach()
-                setattr(m, name, p)
-    return state
 
 
 def shard_model(model, recipe: Recipe, env: Env):
@@ -358,16 +167,52 @@ def shard_model_xla(model, recipe: Recipe):
     return XlaFSDP(model, **kwargs)
 
 
-def copy_weights(model, state: dict, dtype):
-    """Copy full tensors (memory-mapped checkpoint tensors, or adapter init values) into the model's parameters.
-    A sharded parameter takes only its own rows, so with memory-mapped sources no process reads or holds the
-    whole model. Wrapped layers find their checkpoint tensor under the base name (finetune_lora.base_name)."""
+def fresh_values(model, init, seed: int, wanted=lambda module: True):
+    """Yield (name, full tensor) for every parameter of the modules `wanted` picks, as init(module) sets it: on
+    full-size fp32 CPU stand-ins filled with NaN, one module at a time in module order, from one seed. So every run
+    starts alike whether the model is whole or sharded over any number of processes, and no more than one module's
+    tensors are ever held whole. A NaN left behind means init skipped that tensor: an error that names it."""
+    torch.manual_seed(seed)
+    seen = set()                                                     # a tied weight is drawn once
+    for prefix, module in model.named_modules():
+        own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) not in seen} if wanted(module) else {}
+        if not own:
+            continue
+        seen |= {id(p) for p in own.values()}
+        for name, p in own.items():                                  # full-size CPU stand-ins ...
+            setattr(module, name, torch.nn.Parameter(torch.full(p.shape, float("nan"))))
+        with torch.no_grad():
+            init(module)                                             # ... given their values by the init rule
+        for name, p in own.items():
+            value = getattr(module, name).detach()
+            setattr(module, name, p)
+            full_name = f"{prefix}.{name}" if prefix else name
+            if value.isnan().any():
+                raise TrainingError(f"{full_name} ({type(module).__name__}) gets no starting value from "
+                                    f"{init.__module__}.{init.__qualname__}, which must set every parameter")
+            yield full_name, value
+
+
+def is_adapter_layer(module) -> bool:
+    return isinstance(module, (finetune_lora.LoRALinear, finetune_lora.AdapterAttention))
+
+
+def reset_adapter(layer):
+    """LoRA and LLaMA-Adapter tensors start as their layer says: LoRA's B and the adapter's gates at zero, so the
+    finetuned model starts as the base model exactly."""
+    layer.reset_parameters()
+
+
+def copy_weights(model, values, dtype) -> set[str]:
+    """Copy full tensors, (name, tensor) pairs (memory-mapped checkpoint tensors, or fresh_values), into the model's
+    parameters; -> the names filled. A sharded parameter takes only its own rows, so with memory-mapped sources no
+    process reads or holds the whole model."""
     from torch.distributed.tensor import DTensor, Shard
+    params = model.state_dict(keep_vars=True)
+    filled = set()
     with torch.no_grad():
-        for name, param in model.state_dict(keep_vars=True).items():
-            full = state.get(name, state.get(finetune_lora.base_name(name)))
-            if full is None:
-                continue
+        for name, full in values:
+            param = params[name]
             if isinstance(param, DTensor):
                 for mesh_dim, placement in enumerate(param.placements):
                     if isinstance(placement, Shard):                  # torch.chunk's split, as FSDP2 uses
@@ -377,28 +222,61 @@ def copy_weights(model, state: dict, dtype):
                         full = full.narrow(placement.dim, start, min(rows, size - start))
                 param = param.to_local()
             param.copy_(full.to(dtype) if full.is_floating_point() and param.is_floating_point() else full)
+            filled.add(name)
+    return filled
+
+
+def checkpoint_values(model, checkpoint_dir):
+    """(name, memory-mapped tensor) for each of the model's tensors that the base checkpoint holds. A wrapped layer
+    finds its tensor under its name in the base model (finetune_lora.base_name)."""
+    state = models.load_state_dict(checkpoint_dir)
+    for name in model.state_dict(keep_vars=True):
+        full = state.get(finetune_lora.base_name(name))
+        if full is not None:
+            yield name, full
 
 
 def prepare_model(recipe: Recipe, env: Env):
-    """The model to train, on its device(s), with its method applied and every weight at its starting value.
-    One process: built or memory-mapped straight onto the device. FSDP: built on the meta device, sharded, then
-    each process fills only its own rows (QLoRA quantizes real weights, so it loads them whole first). TPU: built
-    on the CPU, moved to the XLA device and wrapped by XLA's FSDP."""
+    """The model to train, on its device(s), with its method applied and every tensor at its starting value.
+
+    Built on the meta device (shapes only), sharded under FSDP, then materialised with to_empty, which leaves every
+    tensor uninitialised memory; so each parameter and buffer is then set explicitly, and one left over is an error.
+    Pretraining draws the model file's own random init (its Transformer._init_weights, through fresh_values: the same
+    values on any number of processes); finetuning copies the memory-mapped checkpoint (each process only its rows).
+    Finetuning on one process memory-maps the checkpoint straight in, and QLoRA quantizes real weights, so both
+    load the model whole first. TPU: prepared on the CPU, moved to the XLA device and wrapped by XLA's FSDP."""
     dtype = param_dtype(recipe.precision)
+    m, config = model_config(recipe)
     fsdp = env.world_size > 1 and not env.xla
-    on_meta = fsdp and recipe.method != "qlora"
-    model = apply_method(build_model(recipe, "cpu" if env.xla else env.device, meta=on_meta), recipe)
+    home = torch.device("cpu") if env.xla else env.device
+    on_meta = recipe.method == "pretrain" or (fsdp and recipe.method != "qlora")
+    if on_meta:
+        with torch.device("meta"):
+            model = m.Transformer(config)
+    else:
+        model = models.load(recipe.checkpoint_dir, device=home, dtype=dtype)
+    model = apply_method(model, recipe)
     if fsdp:
         shard_model(model, recipe, env)
+    filled = set()
     if on_meta:
-        model.to_empty(device=env.device)
-        if recipe.method == "pretrain":
-            with torch.no_grad():
-                model.apply(model._init_weights)                          # sharded random init, seeded alike
-        else:
-            copy_weights(model, models.load_state_dict(recipe.checkpoint_dir), dtype)
+        model.to_empty(device=home)
+        if config.tie_embeddings and model.lm_head.weight is not model.tok_embeddings.weight:
+            model.lm_head.weight = model.tok_embeddings.weight          # to_empty unties an unsharded model
+        base = fresh_values(model, model._init_weights, recipe.seed) if recipe.method == "pretrain" else \
+            checkpoint_values(model, recipe.checkpoint_dir)
+        filled = copy_weights(model, base, dtype)
     if recipe.method in ("lora", "qlora", "adapter"):
-        copy_weights(model, adapter_init_state(model, recipe.seed), dtype)
+        filled |= copy_weights(model, fresh_values(model, reset_adapter, recipe.seed, is_adapter_layer), dtype)
+    unset = [name for name, _ in [*model.named_parameters(), *model.named_buffers()] if name not in filled]
+    if on_meta and unset:
+        raise TrainingError(f"{unset[0]} (and {len(unset) - 1} more) got no starting value after to_empty")
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    note(f"{recipe.method}: {n_trainable:,} trainable parameters; {env.world_size} process(es) on {env.device.type}; "
+         f"precision {recipe.precision}")
+    if recipe.compile:
+        for block in model.layers:
+            block.compile()
     if env.xla:
         model = model.to(env.device)
         if env.world_size > 1:
@@ -407,14 +285,14 @@ def prepare_model(recipe: Recipe, env: Env):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data
+# Data: pretraining corpora are tokenized once (on rank 0) into token files; finetuning data is tokenized in memory.
 
 
 def build_data(recipe: Recipe, tokenizer: Tokenizer, env: Env):
     d = recipe.data
     if recipe.method == "pretrain":
         path = Path(d.path)
-        if env.main and d.fetch == "shakespeare":              # a no-op once the plays are all there
+        if env.main and d.fetch == "shakespeare":              # a no-op once the plays are there
             datalib.shakespeare_texts(path)
         prepared = path if (path / "train.bin").is_file() else Path(recipe.out_dir) / "data"
         if env.main and not (prepared / "train.bin").is_file():
@@ -427,12 +305,19 @@ def build_data(recipe: Recipe, tokenizer: Tokenizer, env: Env):
                            val_fraction=d.val_fraction, val_path=d.val_path, prompt_style=d.prompt_style)
 
 
-def barrier(env: Env):
-    if env.xla:
-        import torch_xla.core.xla_model as xm
-        xm.rendezvous("barrier")
-    elif env.world_size > 1:
-        dist.barrier()
+def fit_micro_batch(recipe: Recipe, env: Env) -> Recipe:
+    """The recipe with a micro_batch_size that splits the global batch evenly over the processes: its own, or the
+    largest smaller one that does. The global batch, and so every step's loss, stays what the recipe says."""
+    g, m, w = recipe.global_batch_size, recipe.micro_batch_size, env.world_size
+    if g % w:
+        raise RecipeError(f"global_batch_size={g} cannot be split evenly over {w} processes; make it a multiple "
+                          f"of {w}")
+    per_process = g // w
+    fit = max(k for k in range(1, min(m, per_process) + 1) if per_process % k == 0)
+    if fit != m:
+        note(f"note: micro_batch_size {m} -> {fit}: each of {w} process(es) takes {per_process} examples of the "
+             f"global batch of {g}")
+    return dataclasses.replace(recipe, micro_batch_size=fit)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,39 +344,97 @@ def lr_at(step: int, recipe: Recipe) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints. A resumable checkpoint (torch.distributed.checkpoint: each process writes its shards, and it loads
-# on any number of processes) holds the trainable weights, the optimizer state and the step. The step is all the
-# data and RNG state there is: batches are a pure function of (seed, step) and the RNG is re-seeded from
-# (seed, step, rank) at every step. It is written to a temporary directory, renamed when every process is done.
+# One step: forward and backward over this process's micro-batches, then the optimizer. The device-specific part
+# (torch_xla on TPUs) is confined to optimizer_step.
+
+
+def autocast(recipe: Recipe, env: Env):
+    if recipe.precision == "bf16-mixed":
+        return torch.autocast(env.device.type, dtype=torch.bfloat16)
+    if recipe.precision == "16-mixed":
+        return torch.autocast(env.device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+def loss_sum(model, x, y, recipe, env):
+    """Summed cross-entropy over the target tokens (y == -100 is ignored)."""
+    with autocast(recipe, env):
+        logits = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=datalib.IGNORE, reduction="sum")
+
+
+def train_step(model, optimizer, scaler, batches, recipe: Recipe, env: Env) -> tuple[float, int]:
+    """-> (the mean loss over every target token of the global batch, the global batch's token count).
+
+    However the global batch is split across processes and micro-batches, each micro-batch's summed loss is divided
+    by the global number of targets; FSDP averages gradients over processes, so the loss is multiplied back by the
+    number of processes. Gradients are reduced across processes after the last micro-batch only."""
+    n_targets = all_reduce_sum(sum((y != datalib.IGNORE).sum().item() for _, y in batches), env)
+    n_tokens = all_reduce_sum(sum(y.numel() for _, y in batches), env)
+    total = torch.zeros((), device=env.device)                       # read once per step: no sync per micro-batch
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(env.device), y.to(env.device)
+        if env.world_size > 1 and not env.xla:
+            model.set_requires_gradient_sync(i == len(batches) - 1)
+        loss = loss_sum(model, x, y, recipe, env) / n_targets
+        scaler.scale(loss * env.world_size).backward()
+        total += loss.detach()
+    optimizer_step(model, optimizer, scaler, recipe, env)
+    return all_reduce_sum(total.item(), env), int(n_tokens)
+
+
+def optimizer_step(model, optimizer, scaler, recipe: Recipe, env: Env):
+    """Clip the global gradient norm and step. CUDA / CPU: through the GradScaler (a pass-through unless 16-mixed).
+    TPU: torch_xla's optimizer step (XLA FSDP has reduce-scattered the gradients already; one device all-reduces
+    nothing), then mark_step runs the traced step. (The TPU lines follow torch_xla's documented API; no TPU here.)"""
+    clip = recipe.optimizer.grad_clip
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler.unscale_(optimizer)
+    if env.xla:
+        import torch_xla.core.xla_model as xm
+        if clip and env.world_size > 1:
+            model.clip_grad_norm_(clip)                               # XLA FSDP's norm over all shards
+        elif clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        if env.world_size > 1:
+            optimizer.step()
+        else:
+            xm.optimizer_step(optimizer)
+        xm.mark_step()
+    else:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def validation_loss(model, data, recipe: Recipe, env: Env) -> float | None:
+    model.eval()
+    total = count = 0.0
+    for x, y in data.val_batches(recipe.micro_batch_size, recipe.eval_batches, env.rank, env.world_size):
+        x, y = x.to(env.device), y.to(env.device)
+        total += loss_sum(model, x, y, recipe, env).item()
+        count += (y != datalib.IGNORE).sum().item()
+    model.train()
+    total, count = all_reduce_sum(total, env), all_reduce_sum(count, env)
+    return total / count if count else None                           # None: there is no validation data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, all of them. A resumable checkpoint (torch.distributed.checkpoint: each process writes its shards,
+# and it loads on any number of processes) holds the trainable weights, the optimizer state and the step, with
+# meta.json (the step, the model's config, the recipe). The step is all the data and RNG state there is: batches
+# are a pure function of (seed, step) and the RNG is re-seeded from (seed, step, rank) at every step. It is
+# written to a temporary directory that is renamed when every process is done; `latest` names the newest.
+# The final checkpoint, out_dir/final, is a native checkpoint dir (models.save, or merged by finetune_lora).
 
 
 def trainable_state(model) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in get_model_state_dict(model).items() if k in names}
-
-
-def save_training_state(model, optimizer, step: int, recipe: Recipe, env: Env):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    root = Path(recipe.out_dir) / "checkpoints"
-    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
-    if env.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(env)
-    state = {"model": trainable_state(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    with single_process_quiet():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-    barrier(env)
-    if env.main:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "recipe": dataclasses.asdict(recipe)}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        (root / "latest.tmp").write_text(final.name)
-        os.replace(root / "latest.tmp", root / "latest")
-    barrier(env)
-    return final
 
 
 @contextmanager
@@ -502,18 +445,95 @@ def single_process_quiet():
         yield
 
 
+def save_training_state(model, optimizer, step: int, recipe: Recipe, env: Env) -> Path:
+    """out_dir/checkpoints/step-N, then `latest` -> it. Rank 0 makes the temporary dir (models.atomic_dir), every
+    process writes its shards into it, and rank 0 puts it in place whole."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    root = Path(recipe.out_dir) / "checkpoints"
+    final = root / f"step-{step:06d}"
+    state = {"model": trainable_state(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+    def fill(tmp):
+        tmp = rank0_object(tmp, env)                                 # the other processes learn its name
+        with single_process_quiet():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        barrier(env)
+        if env.main:
+            meta = {"step": step, "config": model_config(recipe)[1].to_dict(), "recipe": dataclasses.asdict(recipe)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    if env.main:
+        models.atomic_dir(final, fill)
+        models.atomic_file(root / "latest", lambda tmp: tmp.write_text(final.name))
+    else:
+        fill(None)
+    barrier(env)
+    return final
+
+
+def rank0_object(value, env: Env):
+    """Rank 0's value, on every process."""
+    if env.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def checkpoint_by_name(recipe: Recipe, env: Env) -> Recipe:
+    """checkpoint_dir given as a Hub repo id org/name: fetched and converted once into checkpoints/org/name
+    (convert_hf.resolve_checkpoint) by the first process while the others wait; its error stops every process."""
+    if not recipe.checkpoint_dir:
+        return recipe
+    found = None
+    if env.main:
+        try:
+            found = str(convert_hf.resolve_checkpoint(recipe.checkpoint_dir))
+        except (ValueError, OSError) as e:
+            found = ValueError(str(e))
+    found = rank0_object(found, env)
+    if isinstance(found, ValueError):
+        raise found
+    return dataclasses.replace(recipe, checkpoint_dir=found)
+
+
 def resume_path(recipe: Recipe) -> Path | None:
-    if recipe.resume is False or recipe.resume is None:
+    """The checkpoint to resume from: recipe.resume's path, or with resume=true the one `latest` names (None when
+    there is none yet: a fresh start)."""
+    if recipe.resume is False:
         return None
     if recipe.resume is True:
         latest = Path(recipe.out_dir) / "checkpoints" / "latest"
         if not latest.is_file():
-            return None                                                   # nothing to resume: start fresh
-        return latest.parent / latest.read_text().strip()
+            return None
+        path = latest.parent / latest.read_text().strip()
+        if not (path / "meta.json").is_file():
+            raise RecipeError(f"{latest} names {path.name}, which is missing or incomplete; resume from another "
+                              f"checkpoint with resume=PATH, or start over with resume=false")
+        return path
     path = Path(recipe.resume)
     if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"resume checkpoint {path} not found (no meta.json)")
+        raise RecipeError(f"resume checkpoint {path} not found (no meta.json)")
     return path
+
+
+def check_resumable(path: Path, recipe: Recipe):
+    """A checkpoint resumes only the run that wrote it: the same method, model architecture and adapter settings,
+    at a step within max_steps."""
+    meta = json.loads((path / "meta.json").read_text())
+    saved = build(Recipe, meta["recipe"])
+    theirs = {"method": saved.method, **meta["config"]}
+    ours = {"method": recipe.method, **model_config(recipe)[1].to_dict()}
+    for section in {"lora": ["lora"], "qlora": ["lora"], "adapter": ["adapter"]}.get(recipe.method, []):
+        theirs.update({f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(saved, section)).items()})
+        ours.update({f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(recipe, section)).items()})
+    for key, value in ours.items():
+        if key != "name" and theirs.get(key) != value:
+            raise RecipeError(f"resume: {path} is a checkpoint of another run: {key} is {theirs.get(key)!r} there, "
+                              f"{value!r} in this recipe")
+    if meta["step"] > recipe.max_steps:
+        raise RecipeError(f"resume: {path} is at step {meta['step']}, past max_steps={recipe.max_steps}")
 
 
 def load_training_state(model, optimizer, path: Path) -> int:
@@ -524,77 +544,99 @@ def load_training_state(model, optimizer, path: Path) -> int:
     state = {"model": trainable_state(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    with single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    try:
+        with single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except (Exception, dcp.CheckpointException) as e:   # a damaged shard: what the reader tripped over
+                                                         # (a CheckpointException is no Exception)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"cannot read the training checkpoint {path} (damaged or truncated?): {reason}") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return json.loads((path / "meta.json").read_text())["step"]
 
 
-def save_final(model, recipe: Recipe, out: Path, env: Env):
-    """A native checkpoint dir that LLM.load and convert_hf.py --to-hf read: the gathered weights (pretrain, full),
-    or LoRA merged into the checkpoint's full-precision weights with the adapter file beside them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if env.main and recipe.method in ("pretrain", "full"):             # gathered on rank 0 only
-        _, config = model_config(recipe)
-        models.save(state, config, out, recipe.tokenizer_dir or recipe.checkpoint_dir)
-    elif env.main:
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        kind, settings = ("lora", dict(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
-                                        targets=recipe.lora.targets, head=recipe.lora.head))
-        if recipe.method == "adapter":
-            kind, settings = "llama-adapter", dict(prompt_len=recipe.adapter.prompt_len,
-                                                   n_layers=recipe.adapter.n_layers)
-        with tempfile.TemporaryDirectory() as tmp:
-            adapter = Path(tmp) / "adapter.safetensors"
-            finetune_lora.save_adapter_state({k: v for k, v in state.items() if k in names}, adapter, kind=kind,
-                                             **settings)
-            finetune_lora.merge_checkpoint(recipe.checkpoint_dir, adapter, out)
+def resume(model, optimizer, recipe: Recipe, env: Env) -> int:
+    """The step to start from: 0, or the step of the checkpoint that recipe.resume names, loaded."""
+    path = resume_path(recipe)
+    if path is None:
+        return 0
+    check_resumable(path, recipe)
+    step = load_training_state(model, optimizer, path)
+    note(f"resumed from {path} at step {step}")
+    return step
+
+
+def gathered_state(model, recipe: Recipe, env: Env) -> dict | None:
+    """Every tensor of the trained model, whole, on rank 0's CPU (None on the other ranks): gathered from the FSDP
+    shards; on TPU, each process saves its XLA FSDP shard and rank 0 consolidates them (torch_xla's documented
+    API; not run here)."""
+    if not env.xla:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if env.main else None
+    import torch_xla.core.xla_model as xm
+    if env.world_size == 1:
+        return {k: v.cpu() for k, v in model.state_dict().items()}
+    from torch_xla.distributed.fsdp import consolidate_sharded_model_checkpoints
+    with tempfile.TemporaryDirectory(dir=recipe.out_dir) as tmp:
+        xm.save({"model": model.state_dict(), "shard_metadata": model.get_shard_metadata()},
+                f"{tmp}/rank-{env.rank:05d}.pth", master_only=False)
+        xm.rendezvous("saved shards")
+        state = None
+        if env.main:
+            consolidate_sharded_model_checkpoints(f"{tmp}/rank-", "*.pth", f"{tmp}/full.pth")
+            state = torch.load(f"{tmp}/full.pth", map_location="cpu", weights_only=True)["model"]
+        xm.rendezvous("consolidated")
+    return state
+
+
+def write_final(state: dict, recipe: Recipe, out: Path) -> Path:
+    """A native checkpoint dir that LLM.load and convert_hf.py --to-hf read: the weights (pretrain, full), or LoRA
+    merged into the checkpoint's full-precision weights with the adapter file beside them."""
+    if recipe.method in ("pretrain", "full"):
+        models.save(state, model_config(recipe)[1], out, recipe.tokenizer_dir or recipe.checkpoint_dir)
+        return out
+    kind, settings = "lora", dict(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+                                  targets=recipe.lora.targets, head=recipe.lora.head)
+    if recipe.method == "adapter":
+        kind, settings = "llama-adapter", dict(prompt_len=recipe.adapter.prompt_len, n_layers=recipe.adapter.n_layers)
+    adapter_tensors = {k: v for k, v in state.items() if k.endswith(finetune_lora.ADAPTER_TENSORS[kind])}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "adapter.safetensors"
+        finetune_lora.save_adapter_state(adapter_tensors, adapter, kind=kind, **settings)
+        return finetune_lora.merge_checkpoint(recipe.checkpoint_dir, adapter, out)
+
+
+def save_final(model, optimizer, recipe: Recipe, env: Env) -> Path:
+    """The end of a run: a resumable checkpoint at max_steps (not on TPU yet), then out_dir/final."""
+    if not env.xla:
+        save_training_state(model, optimizer, recipe.max_steps, recipe, env)
+    out = Path(recipe.out_dir) / "final"
+    state = gathered_state(model, recipe, env)
+    if env.main:
+        write_final(state, recipe, out)
     barrier(env)
     return out
 
 
-def save_final_xla(model, recipe: Recipe, out: Path, env: Env):
-    """The final checkpoint on TPU: each process saves its XLA FSDP shard, rank 0 consolidates them and writes the
-    same native dir as save_final. (Written to torch_xla's documented API; not run here: no TPU.)"""
-    import torch_xla.core.xla_model as xm
-    with tempfile.TemporaryDirectory(dir=recipe.out_dir) as tmp:
-        if env.world_size > 1:
-            from torch_xla.distributed.fsdp import consolidate_sharded_model_checkpoints
-            xm.save({"model": model.state_dict(), "shard_metadata": model.get_shard_metadata()},
-                    f"{tmp}/rank-{env.rank:05d}.pth", master_only=False)
-            xm.rendezvous("saved shards")
-            if env.main:
-                consolidate_sharded_model_checkpoints(f"{tmp}/rank-", "*.pth", f"{tmp}/full.pth")
-                state = torch.load(f"{tmp}/full.pth", map_location="cpu", weights_only=True)["model"]
-        else:
-            state = {k: v.cpu() for k, v in model.state_dict().items()}
-        if env.main:
-            cpu_model = apply_method(build_model(recipe, "cpu"), recipe)   # the same layout on the CPU
-            copy_weights(cpu_model, state, param_dtype(recipe.precision))
-            save_final(cpu_model, recipe, out, Env())
-        xm.rendezvous("final checkpoint")
-    return out
-
-
-def consolidate(checkpoint, out_dir):
+def consolidate(checkpoint, out_dir) -> Path:
     """A resumable (possibly sharded) training checkpoint -> a native checkpoint dir, on one process."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / "meta.json").is_file():
         raise FileNotFoundError(f"{checkpoint / 'meta.json'} not found: not a training checkpoint dir")
     recipe = build(Recipe, json.loads((checkpoint / "meta.json").read_text())["recipe"])
-    env = Env()
-    model = apply_method(build_model(recipe, "cpu"), recipe)
+    model = prepare_model(recipe, Env())
     load_training_state(model, None, checkpoint)
-    return save_final(model, recipe, Path(out_dir), env)
+    return write_final(model.state_dict(), recipe, Path(out_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Logging: a progress line per step on the console, a CSV row in out_dir/log.csv, TensorBoard if installed.
-# Model FLOPs utilisation (MFU) = achieved FLOP/s / peak FLOP/s, with 6 FLOPs per parameter per token for the
-# matmuls (forward + backward) plus 12 * n_layer * n_head * head_dim * seq_len for attention (PaLM, appendix B).
+# Logging: for each step, a progress line on the console and one row in out_dir/log.csv (TensorBoard too, if it is
+# installed), on rank 0. Model FLOPs utilisation (MFU) = achieved FLOP/s / the device's peak FLOP/s, with 6 FLOPs
+# per parameter per token for the matmuls (forward + backward) plus 12 * n_layer * n_head * head_dim * seq_len for
+# attention (PaLM, appendix B). Peak memory comes from models.peak_memory_gib.
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s per device).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12,
@@ -620,53 +662,58 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6 * n_params + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
 
-def peak_memory_gib(env: Env) -> float:
-    if env.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(env.device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 class Logger:
     COLUMNS = ["step", "loss", "lr", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gib",
                "val_loss", "val_ppl"]
 
-    def __init__(self, recipe: Recipe, env: Env, resumed: bool):
+    def __init__(self, recipe: Recipe, model, env: Env, start: int):
         self.env, self.max_steps = env, recipe.max_steps
+        self.flops_per_token, self.peak_flops = flops_per_token(model, recipe.data.max_seq_len), device_peak_flops(env)
         self.file = self.writer = self.tb = None
         if not env.main:
             return
         path = Path(recipe.out_dir) / "log.csv"
-        new = not (resumed and path.is_file())
-        self.file = open(path, "w" if new else "a", newline="")
+        kept = []                            # resuming at step s: the rows up to s; the steps after s run again
+        if start and path.is_file():
+            with open(path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if row.get("step", "").isdigit() and int(row["step"]) <= start]
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(kept)
+        models.atomic_file(path, write)
+        self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
-        if new:
-            self.writer.writeheader()
         if importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(Path(recipe.out_dir) / "tensorboard")
 
-    def row(self, step: int, **values):
-        if not self.env.main:
+    def log(self, step: int, loss=None, lr=None, tokens=None, seconds=None, val_loss=None):
+        """One row for the step: its training numbers (when given) and its validation loss (when measured)."""
+        if not self.env.main or (loss is None and val_loss is None):
             return
+        values, parts = {}, [f"step {step}/{self.max_steps}"]
+        if loss is not None:
+            per_device = tokens / seconds / self.env.world_size
+            values.update(loss=loss, lr=lr, tokens_per_s=tokens / seconds, tokens_per_s_per_device=per_device,
+                          mfu=per_device * self.flops_per_token / self.peak_flops if self.peak_flops else None,
+                          peak_mem_gib=models.peak_memory_gib(self.env.device))
+            parts.append(f"loss {loss:.4f} lr {lr:.2e} {tokens / seconds:.0f} tok/s ({per_device:.0f}/device)")
+            if values["mfu"] is not None:
+                parts.append(f"MFU {100 * values['mfu']:.1f}%")
+            parts.append(f"peak {values['peak_mem_gib']:.2f} GiB")
+        if val_loss is not None:
+            values.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+            parts.append(f"val loss {val_loss:.4f} ppl {values['val_ppl']:.2f}")
         self.writer.writerow({"step": step, **values})
         self.file.flush()
         if self.tb:
             for k, v in values.items():
-                if isinstance(v, (int, float)):
+                if v is not None:
                     self.tb.add_scalar(k, v, step)
-        done = step / self.max_steps
-        bar = "#" * int(20 * done) + "-" * (20 - int(20 * done))
-        parts = [f"step {step}/{self.max_steps} [{bar}]"]
-        if "loss" in values:
-            parts.append(f"loss {values['loss']:.4f} lr {values['lr']:.2e} {values['tokens_per_s']:.0f} tok/s "
-                         f"({values['tokens_per_s_per_device']:.0f}/device)")
-            if values.get("mfu") is not None:
-                parts.append(f"MFU {100 * values['mfu']:.1f}%")
-            parts.append(f"peak {values['peak_mem_gib']:.2f} GiB")
-        if "val_loss" in values:
-            parts.append(f"val loss {values['val_loss']:.4f} ppl {values['val_ppl']:.2f}")
-        print(" ".join(parts), file=sys.stderr, flush=True)
+        note(" ".join(parts))
 
     def close(self):
         if self.file:
@@ -679,76 +726,16 @@ class Logger:
 # The loop
 
 
-def autocast(recipe: Recipe, env: Env):
-    if recipe.precision == "bf16-mixed":
-        return torch.autocast(env.device.type, dtype=torch.bfloat16)
-    if recipe.precision == "16-mixed":
-        return torch.autocast(env.device.type, dtype=torch.float16)
-    return nullcontext()
-
-
-def all_reduce_sum(value: float, env: Env) -> float:
-    if env.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def loss_sum(model, x, y, recipe, env):
-    """Summed cross-entropy over the target tokens (y == -100 is ignored)."""
-    with autocast(recipe, env):
-        logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-
-
-@torch.no_grad()
-def evaluate(model, data, recipe: Recipe, env: Env) -> float | None:
-    model.eval()
-    total = count = 0.0
-    for x, y in data.val_batches(recipe.micro_batch_size, recipe.eval_batches, env.rank, env.world_size):
-        x, y = x.to(env.device), y.to(env.device)
-        total += loss_sum(model, x, y, recipe, env).item()
-        count += (y != -100).sum().item()
-    model.train()
-    total, count = all_reduce_sum(total, env), all_reduce_sum(count, env)
-    return total / count if count else None                           # None: there is no validation data
-
-
-def train(recipe: Recipe, env: Env):
-    out_dir = Path(recipe.out_dir)
-    if env.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
-    if env.xla and (recipe.save_interval or recipe.resume):
-        raise RecipeError("resumable checkpoints (save_interval, resume) are not supported on TPU yet; "
-                          "the final checkpoint is")
-    tokenizer_dir = recipe.tokenizer_dir or recipe.checkpoint_dir
-    if not tokenizer_dir:
-        raise RecipeError("method pretrain needs tokenizer_dir (a checkpoint dir whose tokenizer to use)")
+def train(recipe: Recipe, env: Env) -> Path:
+    recipe = fit_micro_batch(recipe, env)
+    recipe = checkpoint_by_name(recipe, env)
+    start_run(recipe, env)
     model = prepare_model(recipe, env)
-    tokenizer = Tokenizer(tokenizer_dir)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(env, f"{recipe.method}: {n_trainable:,} trainable parameters; {env.world_size} process(es) on "
-             f"{env.device.type}; precision {recipe.precision}")
-    if recipe.compile:
-        for block in model.layers:
-            block.compile()
-
-    data = build_data(recipe, tokenizer, env)
+    data = build_data(recipe, Tokenizer(recipe.tokenizer_dir or recipe.checkpoint_dir), env)
     optimizer = build_optimizer(model, recipe, env)
     scaler = torch.amp.GradScaler(env.device.type, enabled=recipe.precision == "16-mixed")
-    start = 0
-    path = resume_path(recipe)
-    if path is not None:
-        start = load_training_state(model, optimizer, path)
-        log(env, f"resumed from {path} at step {start}")
-    logger = Logger(recipe, env, resumed=path is not None)
-    peak = device_peak_flops(env)
-    seq_len = recipe.data.max_seq_len
-    fpt = flops_per_token(model, seq_len)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
+    start = resume(model, optimizer, recipe, env)
+    logger = Logger(recipe, model, env, start)
     for step in range(start, recipe.max_steps):
         t0 = time.perf_counter()
         torch.manual_seed(hash((recipe.seed, step, env.rank)) % 2**63)    # dropout masks follow the step
@@ -757,57 +744,55 @@ def train(recipe: Recipe, env: Env):
             group["lr"] = lr
         batches = data.micro_batches(step, recipe.global_batch_size, recipe.micro_batch_size, env.rank,
                                      env.world_size)
-        # The loss is the mean over every target token of the global batch, however it is split across processes
-        # and micro-batches: each micro-batch's summed loss is divided by the global token count. FSDP averages
-        # gradients over processes, so multiply back by the number of processes.
-        n_targets = all_reduce_sum(sum((y != -100).sum().item() for _, y in batches), env)
-        n_tokens = all_reduce_sum(sum(y.numel() for _, y in batches), env)
-        total = torch.zeros((), device=env.device)                       # read once per step: no sync per micro-batch
-        for i, (x, y) in enumerate(batches):
-            x, y = x.to(env.device), y.to(env.device)
-            if env.world_size > 1 and not env.xla:
-                model.set_requires_gradient_sync(i == len(batches) - 1)
-            loss = loss_sum(model, x, y, recipe, env) / n_targets
-            scaler.scale(loss * env.world_size).backward()
-            total += loss.detach()
-        scaler.unscale_(optimizer)
-        if recipe.optimizer.grad_clip > 0:
-            if env.xla and env.world_size > 1:
-                model.clip_grad_norm_(recipe.optimizer.grad_clip)          # XLA FSDP's norm over all shards
-            else:
-                torch.nn.utils.clip_grad_norm_(trainable, recipe.optimizer.grad_clip)
-        if env.xla:
-            import torch_xla.core.xla_model as xm
-            if env.world_size > 1:
-                optimizer.step()                        # XLA FSDP has reduce-scattered the gradients already
-            else:
-                xm.optimizer_step(optimizer)
-            xm.mark_step()                              # run the traced step on the TPU
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = all_reduce_sum(total.item(), env)
-        dt = time.perf_counter() - t0
-        done = step + 1
-        if done % recipe.log_interval == 0 or done == recipe.max_steps:
-            tps = n_tokens / dt
-            logger.row(done, loss=loss_value, lr=lr, tokens_per_s=tps, tokens_per_s_per_device=tps / env.world_size,
-                       mfu=tps / env.world_size * fpt / peak if peak else None, peak_mem_gib=peak_memory_gib(env))
-        if done == recipe.max_steps or recipe.eval_interval and done % recipe.eval_interval == 0:
-            val = evaluate(model, data, recipe, env)
-            if val is not None:
-                logger.row(done, val_loss=val, val_ppl=math.exp(min(val, 50)))
+        loss, tokens = train_step(model, optimizer, scaler, batches, recipe, env)
+        seconds, done = time.perf_counter() - t0, step + 1
+        if not math.isfinite(loss):                                      # every process has the same sum
+            raise TrainingError(f"step {done}: the loss is {loss}; stopped, nothing saved (try a lower "
+                                f"optimizer.lr or precision=32-true; resume=true restarts from the last checkpoint)")
+        logged = done % recipe.log_interval == 0 or done == recipe.max_steps
+        validated = done == recipe.max_steps or recipe.eval_interval and done % recipe.eval_interval == 0
+        logger.log(done, **(dict(loss=loss, lr=lr, tokens=tokens, seconds=seconds) if logged else {}),
+                   val_loss=validation_loss(model, data, recipe, env) if validated else None)
         if recipe.save_interval and done % recipe.save_interval == 0 and done < recipe.max_steps:
             save_training_state(model, optimizer, done, recipe, env)
     logger.close()
-    if env.xla:
-        final = save_final_xla(model, recipe, out_dir / "final", env)
-    else:
-        save_training_state(model, optimizer, recipe.max_steps, recipe, env)
-        final = save_final(model, recipe, out_dir / "final", env)
-    log(env, f"wrote {final}")
+    final = save_final(model, optimizer, recipe, env)
+    note(f"wrote {final}")
+    run_eval_tasks(final, recipe, env)
     return final
+
+
+def start_run(recipe: Recipe, env: Env):
+    """Check what can be checked before any work (out_dir, TPU limits, eval tasks); write out_dir/recipe.yaml."""
+    out_dir = Path(recipe.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RecipeError(f"out_dir {out_dir} is a file, not a directory; choose another out_dir")
+    if env.xla and (recipe.save_interval or recipe.resume):
+        raise RecipeError("resumable checkpoints (save_interval, resume) are not supported on TPU yet; "
+                          "the final checkpoint is")
+    if recipe.eval.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise RecipeError("eval.tasks needs lm-eval (pip install lm-eval), or set eval.tasks=[]")
+    if env.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)
+        models.atomic_file(out_dir / "recipe.yaml", lambda tmp: tmp.write_text(text))
+
+
+def run_eval_tasks(final: Path, recipe: Recipe, env: Env) -> dict | None:
+    """The recipe's eval section: a small lm-eval pass over the final checkpoint (evaluate.run_tasks), on rank 0;
+    the scores go to the console and to out_dir/eval.json."""
+    e = recipe.eval
+    if not e.tasks or not env.main:
+        return None
+    import evaluate                          # here, not at the top: lm-eval is needed only when tasks are set
+    results = evaluate.run_tasks(final, e.tasks, limit=e.limit, num_fewshot=e.num_fewshot, batch_size=e.batch_size,
+                                 include_path=e.include_path)
+    for task, metrics in results.get("results", {}).items():
+        scores = [f"{name} {value:.4f}" for name, value in metrics.items()
+                  if isinstance(value, float) and not name.endswith("_stderr,none")]
+        note(f"eval {task}: {', '.join(scores)}")
+    (Path(recipe.out_dir) / "eval.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
 
 
 def main(argv=None):
@@ -821,9 +806,8 @@ def main(argv=None):
                 raise RecipeError("usage: python train.py consolidate CHECKPOINT OUT_DIR")
             print(f"wrote {consolidate(argv[1], argv[2])}", file=sys.stderr)
             return
-        recipe = load_recipe(argv[0], argv[1:])
-        train(recipe, setup_env())
-    except (RecipeError, ValueError, FileNotFoundError) as e:
+        train(load_recipe(argv[0], argv[1:]), setup_env())
+    except (RecipeError, TrainingError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

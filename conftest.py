@@ -58,6 +58,15 @@ def convert_and_load(hf_dir: Path, out_dir: Path, dtype=torch.float32):
     return models.load(out_dir, device="cpu", dtype=dtype)
 
 
+def cli_error(main, *args) -> str:
+    """A command line's main(argv) run in this process, expected to fail: its one-line `error: ...` message."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
 def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor, atol: float = 1e-4):
     assert ours.shape == theirs.shape
     diff = (ours - theirs).abs().max().item()

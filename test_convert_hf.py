@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import convert_hf
 import models
-from conftest import perturb_, save_hf
+from conftest import cli_error, perturb_, save_hf
 
 ROOT = Path(__file__).parent
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -199,12 +199,7 @@ def test_failed_conversion_keeps_the_previous_output(tmp_path):
 
 
 def main_error(*args) -> str:
-    """convert_hf's command line run in this process, expected to fail: its one-line message."""
-    with pytest.raises(SystemExit) as e:
-        convert_hf.main([str(a) for a in args])
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
+    return cli_error(convert_hf.main, *args)
 
 
 def test_bad_config_json_names_the_file_and_the_key(tmp_path):

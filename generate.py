@@ -31,8 +31,10 @@ import torch
 import torch.nn as nn
 
 import models
-from models import DTYPES, QUANTIZE_MODES
+from models import QUANTIZE_MODES
 from tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling
@@ -72,6 +74,7 @@ def sampling_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
         before = sorted_probs.cumsum(dim=-1) - sorted_probs          # mass of the more likely tokens
         sorted_probs = sorted_probs.masked_fill(before >= s.top_p, 0)  # the most likely token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)              # a distribution again, over the nucleus
     return probs
 
 
@@ -181,6 +184,9 @@ class DraftModel:
                 break
             self.cached += 1
         idx = torch.tensor([history[self.cached:]], device=device)          # (1, T): what the draft has not seen
+        # A draft whose embedding table is shorter than the target's (Qwen2.5-0.5B's for 7B's) lacks only padding
+        # ids, which no text holds; should the target sample one, the draft reads another id and guesses worse.
+        idx = idx.clamp(max=self.model.config.vocab_size - 1)
         input_pos = torch.arange(self.cached, len(history), device=device)
         guesses, probs = [], []
         for _ in range(k):
@@ -727,7 +733,10 @@ class LLM:
                     self.decode_fn(model, zero, zero[0], Sampling())
 
     @classmethod
-    def load(cls, checkpoint_dir, device=None, dtype=None, quantize=None, compile=False) -> "LLM":
+    def load(cls, checkpoint_dir, device=None, dtype=None, quantize=None, compile=False, draft=None,
+             draft_quantize=None) -> "LLM":
+        """draft: a smaller checkpoint with the same tokenizer, loaded on the same device in the same dtype (quantized
+        as draft_quantize says), to guess tokens for speculative decoding."""
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise FileNotFoundError(f"checkpoint dir {checkpoint_dir} not found "
@@ -744,12 +753,16 @@ class LLM:
             split_linears_for_cpu(model)
         adapter = checkpoint_dir / "adapter.safetensors"
         if adapter.is_file():                     # a LLaMA-Adapter cannot be merged into the weights: apply it
-            import finetune_lora                  # only on this path: generating needs no training code
+            import finetune_lora
             if finetune_lora.adapter_metadata(adapter)["merged"] == "false":
                 finetune_lora.load_adapter(model, adapter)
         gen_path = checkpoint_dir / "generation_config.json"
         generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        return cls(model, Tokenizer(checkpoint_dir), generation_config, compile)
+        llm = cls(model, Tokenizer(checkpoint_dir), generation_config, compile)
+        if draft is not None:
+            llm.draft = cls.load(draft, device, dtype, draft_quantize)
+            check_same_tokenizer(llm.tokenizer, llm.draft.tokenizer, draft)
+        return llm
 
     def default_sampling(self) -> Sampling:
         g = self.generation_config

@@ -160,7 +160,9 @@ def main():
         for name in args.servers:
             try:
                 results[name] = bench(name, args, args.hf_dir, args.checkpoint, lit)
-                print(f"done {name}", file=sys.stderr, flush=True)
+                rows = ", ".join(f"c={c}: {tps:.1f} tok/s, TTFT {ttft:.3f} s" for c, (tps, ttft, _) in
+                                 results[name]["rows"].items())
+                print(f"done {name}: {rows}", file=sys.stderr, flush=True)
             except RuntimeError as e:
                 results[name] = {"error": str(e).splitlines()[-1] if str(e) else "failed"}
                 print(f"{name}: cannot run: {e}", file=sys.stderr, flush=True)

@@ -1033,6 +1033,22 @@ def test_llama3_tiktoken_model_names_from_config(llama_cpp, llama3_files, llama3
     assert tok.id_to_token(128008) == "<|eom_id|>" and tok.eos_ids == [128001, 128008, 128009]
 
 
+@pytest.mark.slow
+def test_llama3_json_without_ignore_merges(llama_cpp, llama3_files, llama3_json_dir, tmp_path):
+    # Llama 3's vocab and merges (a merge for every split of a token, as converted from tiktoken's ranks) in a
+    # tokenizer.json without ignore_merges, as transformers' GGUF reader writes it: then HF's BPE does not build 588
+    # of the tokens from their own text (" Việt" is three tokens), and neither may we
+    from tokenizers import Tokenizer as HFTokenizer
+
+    spec = json.loads((llama3_files / "tokenizer.json").read_text())
+    spec["model"]["ignore_merges"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tok, hf = Tokenizer(tmp_path), HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert len(tok.encode(" Việt")) == 3 and len(ours(llama3_json_dir).encode(" Việt")) == 1  # with ignore_merges
+    texts = [*edge_corpus(llama_cpp, LLAMA3_SPECIALS), *every_token_text(tok)]
+    assert_same_ids(tok.encode, hf_batch(hf), texts, "encodings and vocabulary entries")
+
+
 def meta_tiktoken(model_file):
     """Meta's own Llama 3 tokenizer: tiktoken on tokenizer.model with Llama 3's regex (llama-models' tokenizer.py)"""
     import tiktoken

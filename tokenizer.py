@@ -386,6 +386,18 @@ def make_tiktoken(name, pattern, ranks):
         raise ValueError(f"tiktoken cannot use the pre-tokenizer regex {pattern!r}: {e}") from None
 
 
+def unbuildable_tokens(ranks):
+    """the tokens (bytes) that BPE with these ranks does not build from their own bytes. tiktoken's BPE on a piece
+    looks the whole piece up first, so each token goes in behind a byte that is in no longer token: that byte stays
+    apart, and the rest merges as the token's bytes alone would."""
+    in_longer = {b for token in ranks if len(token) > 1 for b in token}
+    guard = next((bytes([b]) for b in range(256) if b not in in_longer), None)
+    if guard is None:
+        return set()
+    bpe = make_tiktoken("unbuildable", ".", ranks)._encode_single_piece
+    return {token for token, rank in ranks.items() if len(token) > 1 and bpe(guard + token)[1:] != [rank]}
+
+
 def tiktoken_ranks(vocab, merges, ignore_merges):
     """a byte-level BPE's vocab and merges -> (tiktoken's ranks: token bytes -> rank, rank -> id or None if ids)
 
@@ -442,18 +454,6 @@ def refuse_bpe_options(model):
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
             raise ValueError(f"unsupported BPE option {key}={model[key]!r}")
-
-
-def unbuildable_tokens(ranks):
-    """the tokens (bytes) that BPE with these ranks does not build from their own bytes. tiktoken's BPE on a piece
-    looks the whole piece up first, so each token goes in behind a byte that is in no longer token: that byte stays
-    apart, and the rest merges as the token's bytes alone would."""
-    in_longer = {b for token in ranks if len(token) > 1 for b in token}
-    guard = next((bytes([b]) for b in range(256) if b not in in_longer), None)
-    if guard is None:
-        return set()
-    bpe = make_tiktoken("unbuildable", ".", ranks)._encode_single_piece
-    return {token for token, rank in ranks.items() if len(token) > 1 and bpe(guard + token)[1:] != [rank]}
 
 
 def load_bytelevel_json(tj):
@@ -656,6 +656,209 @@ def load_model(d, tokenizer_json, config):
 
 
 # -----------------------------------------------------------------------------
+# special tokens: which are named (bos, eos ...) and which are added
+
+def named_special_tokens(d, config, defaults):
+    """-> ({"bos_token": content, ...}, [additional special tokens]): tokenizer_config's, else the legacy
+    special_tokens_map.json's (which transformers reads only when tokenizer_config has no added_tokens_decoder),
+    else the format's defaults"""
+    special_map = {} if "added_tokens_decoder" in config else read_json(d / "special_tokens_map.json") or {}
+    named = {**defaults,
+             **{k: token_content(v) for k, v in special_map.items() if k in SPECIAL_TOKEN_NAMES and v},
+             **{k: token_content(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}}
+    extra = (config.get("additional_special_tokens") or config.get("extra_special_tokens")
+             or special_map.get("additional_special_tokens") or [])
+    extra = list(extra.values()) if isinstance(extra, dict) else extra
+    return {k: v for k, v in named.items() if v}, [token_content(t) for t in extra]
+
+
+def all_added_tokens(model, config, special_contents):
+    """the format's added tokens, then tokenizer_config's added_tokens_decoder (wins, by id), then any named special
+    token that is in the vocab but not yet added (transformers adds those as special)"""
+    added = {t.id: t for t in model.added}
+    for i, t in (config.get("added_tokens_decoder") or {}).items():
+        added[int(i)] = AddedToken.from_dict(int(i), t)
+    contents = {t.content for t in added.values()}
+    vocab = {t: i for i, t in enumerate(model.tokens) if t}
+    for content in special_contents:
+        if content and content not in contents and content in vocab:
+            added[vocab[content]] = AddedToken(vocab[content], content, special=True)
+            contents.add(content)
+    return list(added.values())
+
+
+# -----------------------------------------------------------------------------
+# decoding: HF's Strip and ByteFallback, and streaming decode (text as soon as it is certain, so that the pieces
+# add up to decode(all ids))
+
+def strip_spaces(text, n):
+    # HF's Strip decoder: up to n leading spaces come off
+    k = 0
+    while k < n and k < len(text) and text[k] == " ":
+        k += 1
+    return text[k:]
+
+
+def decode_byte_run(run):
+    # HF's ByteFallback: a run of byte pieces is one UTF-8 string, or if invalid, one U+FFFD per byte
+    try:
+        return bytes(run).decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)
+
+
+class StreamDecoder:
+    def __init__(self, tokenizer, skip_special_tokens=False):
+        self.tok = tokenizer
+        self.skip = tokenizer._special_ids if skip_special_tokens else frozenset()
+        # byte-level: an incremental UTF-8 decoder holds back a character's first bytes until it is complete
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.run = []  # SentencePiece: byte pieces wait until the run ends (an invalid run turns all into U+FFFD)
+        self.strip_left = 0 if tokenizer.byte_level else tokenizer._strip_spaces  # leading spaces decode() drops
+        self.first = True  # no token added yet
+
+    def add(self, token_id):
+        token_id = int(token_id)
+        tok = self.tok
+        if token_id in self.skip or not 0 <= token_id < tok.vocab_size:
+            return ""
+        if tok.byte_level:
+            return self.utf8.decode(tok._id_bytes[token_id])
+        first, self.first = self.first, False
+        if token_id in tok._byte_of:
+            self.run.append(tok._byte_of[token_id])
+            return ""
+        return self._emit(self._end_run() + tok._piece_text(token_id, first))
+
+    def flush(self):
+        if self.tok.byte_level:
+            return self.utf8.decode(b"", final=True)
+        return self._emit(self._end_run())
+
+    def _end_run(self):
+        text = decode_byte_run(self.run) if self.run else ""
+        self.run = []
+        return text
+
+    def _emit(self, text):
+        if self.strip_left and text:  # the leading spaces that decode() strips, until the first other character
+            stripped = strip_spaces(text, self.strip_left)
+            self.strip_left = 0 if stripped else self.strip_left - len(text)
+            text = stripped
+        return text
+
+
+# -----------------------------------------------------------------------------
+# chat templates: the checkpoint's Jinja template, rendered as transformers renders it
+
+def load_chat_templates(d, config):
+    """-> ({name: template source}, {name: where it came from}). Like transformers: chat_template.jinja (and
+    additional_chat_templates/*.jinja) win over tokenizer_config's chat_template (a string, or a list of {name,
+    template}); chat_template.json is the older processor file."""
+    files = [d / "chat_template.jinja", *sorted((d / "additional_chat_templates").glob("*.jinja"))]
+    files = {("default" if f.name == "chat_template.jinja" else f.stem): f for f in files if f.is_file()}
+    if files:
+        return {name: f.read_text(encoding="utf-8") for name, f in files.items()}, {n: str(f) for n, f in files.items()}
+    origin, t = d / "tokenizer_config.json", config.get("chat_template")
+    if not t:
+        origin, t = d / "chat_template.json", (read_json(d / "chat_template.json") or {}).get("chat_template")
+    if isinstance(t, list):
+        return {x["name"]: x["template"] for x in t}, {x["name"]: f"{origin} ('{x['name']}')" for x in t}
+    return ({"default": t}, {"default": str(origin)}) if t else ({}, {})
+
+
+def render_template(source, origin, **variables):
+    """the template rendered; whatever goes wrong in it is a one-line ValueError naming the template"""
+    import jinja2
+
+    def one_line(e):
+        return " ".join(str(e).split())
+
+    try:
+        template = compile_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"tokenizer: chat template {origin} is not valid Jinja (line {e.lineno}): {one_line(e)}") \
+            from None
+    try:
+        return template.render(**variables)
+    except jinja2.exceptions.SecurityError as e:
+        raise ValueError(f"tokenizer: chat template {origin} did what the sandbox forbids: {one_line(e)}") from None
+    except jinja2.TemplateError as e:  # raise_exception(...) in the template, an undefined name used ...
+        raise ValueError(f"tokenizer: chat template {origin} refused these messages: {one_line(e)}") from None
+    except Exception as e:  # the template's own code failed on these messages (a missing key, a wrong type)
+        raise ValueError(f"tokenizer: chat template {origin} failed on these messages: "
+                         f"{type(e).__name__}: {one_line(e)}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def compile_template(source):
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        # {% generation %}...{% endgeneration %} marks assistant text for transformers' training masks; render the body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def refuse_private(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a namespace may not hold {name!r}: names starting with _ reach "
+                                                  "for Python's internals")
+
+    class Namespace(jinja2.utils.Namespace):
+        # namespace(...) is the one object a template can write to; as in transformers, no "_" names on it
+        def __init__(*args, **kwargs):  # (no named self, so that namespace(self=...) still works, as in Jinja)
+            attrs = dict(*args[1:], **kwargs)
+            for name in attrs:
+                refuse_private(name)
+            jinja2.utils.Namespace.__init__(args[0], attrs)
+
+        def __setitem__(self, name, value):
+            refuse_private(name)
+            super().__setitem__(name, value)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' tojson: plain json.dumps (Jinja's own escapes <, >, & and ' for HTML)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # templates come from the Hub: a sandbox that can't touch Python internals or mutate what it's given
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["namespace"] = Namespace
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def clean_message(message):
+    # as transformers 5: drop keys whose value is None, and give reasoning under both names templates read
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
+def plain_chat(messages, add_generation_prompt):
+    # the fallback for checkpoints without a template (base models): "role: content" lines, then "assistant: "
+    def text(content):
+        return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+    lines = "".join(f"{m['role']}: {text(m.get('content') or '')}\n" for m in messages)
+    return lines + ("assistant: " if add_generation_prompt else "")
+
+
+# -----------------------------------------------------------------------------
 # the Tokenizer
 
 class Tokenizer:
@@ -820,50 +1023,8 @@ class Tokenizer:
         return self.encode(text, bos=False, eos=False)  # the template writes its own special tokens
 
 
-def named_special_tokens(d, config, defaults):
-    """-> ({"bos_token": content, ...}, [additional special tokens]): tokenizer_config's, else the legacy
-    special_tokens_map.json's (which transformers reads only when tokenizer_config has no added_tokens_decoder),
-    else the format's defaults"""
-    special_map = {} if "added_tokens_decoder" in config else read_json(d / "special_tokens_map.json") or {}
-    named = {**defaults,
-             **{k: token_content(v) for k, v in special_map.items() if k in SPECIAL_TOKEN_NAMES and v},
-             **{k: token_content(config[k]) for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}}
-    extra = (config.get("additional_special_tokens") or config.get("extra_special_tokens")
-             or special_map.get("additional_special_tokens") or [])
-    extra = list(extra.values()) if isinstance(extra, dict) else extra
-    return {k: v for k, v in named.items() if v}, [token_content(t) for t in extra]
-
-
-def all_added_tokens(model, config, special_contents):
-    """the format's added tokens, then tokenizer_config's added_tokens_decoder (wins, by id), then any named special
-    token that is in the vocab but not yet added (transformers adds those as special)"""
-    added = {t.id: t for t in model.added}
-    for i, t in (config.get("added_tokens_decoder") or {}).items():
-        added[int(i)] = AddedToken.from_dict(int(i), t)
-    contents = {t.content for t in added.values()}
-    vocab = {t: i for i, t in enumerate(model.tokens) if t}
-    for content in special_contents:
-        if content and content not in contents and content in vocab:
-            added[vocab[content]] = AddedToken(vocab[content], content, special=True)
-            contents.add(content)
-    return list(added.values())
-
-
-def strip_spaces(text, n):
-    # HF's Strip decoder: up to n leading spaces come off
-    k = 0
-    while k < n and k < len(text) and text[k] == " ":
-        k += 1
-    return text[k:]
-
-
-def decode_byte_run(run):
-    # HF's ByteFallback: a run of byte pieces is one UTF-8 string, or if invalid, one U+FFFD per byte
-    try:
-        return bytes(run).decode("utf-8")
-    except UnicodeDecodeError:
-        return "\ufffd" * len(run)
-
+# -----------------------------------------------------------------------------
+# a tokenizer for character-level models
 
 def write_byte_tokenizer(out_dir):
     """Write a tokenizer whose tokens are the 256 bytes plus <|endoftext|> (id 256): HF's byte-level BPE format with
@@ -886,157 +1047,3 @@ def write_byte_tokenizer(out_dir):
               "pad_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
     return out_dir
-
-
-# -----------------------------------------------------------------------------
-# streaming decode: text as soon as it is certain, so that the pieces add up to decode(all ids)
-
-class StreamDecoder:
-    def __init__(self, tokenizer, skip_special_tokens=False):
-        self.tok = tokenizer
-        self.skip = tokenizer._special_ids if skip_special_tokens else frozenset()
-        # byte-level: an incremental UTF-8 decoder holds back a character's first bytes until it is complete
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.run = []  # SentencePiece: byte pieces wait until the run ends (an invalid run turns all into U+FFFD)
-        self.strip_left = 0 if tokenizer.byte_level else tokenizer._strip_spaces  # leading spaces decode() drops
-        self.first = True  # no token added yet
-
-    def add(self, token_id):
-        token_id = int(token_id)
-        tok = self.tok
-        if token_id in self.skip or not 0 <= token_id < tok.vocab_size:
-            return ""
-        if tok.byte_level:
-            return self.utf8.decode(tok._id_bytes[token_id])
-        first, self.first = self.first, False
-        if token_id in tok._byte_of:
-            self.run.append(tok._byte_of[token_id])
-            return ""
-        return self._emit(self._end_run() + tok._piece_text(token_id, first))
-
-    def flush(self):
-        if self.tok.byte_level:
-            return self.utf8.decode(b"", final=True)
-        return self._emit(self._end_run())
-
-    def _end_run(self):
-        text = decode_byte_run(self.run) if self.run else ""
-        self.run = []
-        return text
-
-    def _emit(self, text):
-        if self.strip_left and text:  # the leading spaces that decode() strips, until the first other character
-            stripped = strip_spaces(text, self.strip_left)
-            self.strip_left = 0 if stripped else self.strip_left - len(text)
-            text = stripped
-        return text
-
-
-# -----------------------------------------------------------------------------
-# chat templates: the checkpoint's Jinja template, rendered as transformers renders it
-
-def load_chat_templates(d, config):
-    """-> ({name: template source}, {name: where it came from}). Like transformers: chat_template.jinja (and
-    additional_chat_templates/*.jinja) win over tokenizer_config's chat_template (a string, or a list of {name,
-    template}); chat_template.json is the older processor file."""
-    files = [d / "chat_template.jinja", *sorted((d / "additional_chat_templates").glob("*.jinja"))]
-    files = {("default" if f.name == "chat_template.jinja" else f.stem): f for f in files if f.is_file()}
-    if files:
-        return {name: f.read_text(encoding="utf-8") for name, f in files.items()}, {n: str(f) for n, f in files.items()}
-    origin, t = d / "tokenizer_config.json", config.get("chat_template")
-    if not t:
-        origin, t = d / "chat_template.json", (read_json(d / "chat_template.json") or {}).get("chat_template")
-    if isinstance(t, list):
-        return {x["name"]: x["template"] for x in t}, {x["name"]: f"{origin} ('{x['name']}')" for x in t}
-    return ({"default": t}, {"default": str(origin)}) if t else ({}, {})
-
-
-def render_template(source, origin, **variables):
-    """the template rendered; whatever goes wrong in it is a one-line ValueError naming the template"""
-    import jinja2
-
-    def one_line(e):
-        return " ".join(str(e).split())
-
-    try:
-        template = compile_template(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"tokenizer: chat template {origin} is not valid Jinja (line {e.lineno}): {one_line(e)}") \
-            from None
-    try:
-        return template.render(**variables)
-    except jinja2.exceptions.SecurityError as e:
-        raise ValueError(f"tokenizer: chat template {origin} did what the sandbox forbids: {one_line(e)}") from None
-    except jinja2.TemplateError as e:  # raise_exception(...) in the template, an undefined name used ...
-        raise ValueError(f"tokenizer: chat template {origin} refused these messages: {one_line(e)}") from None
-    except Exception as e:  # the template's own code failed on these messages (a missing key, a wrong type)
-        raise ValueError(f"tokenizer: chat template {origin} failed on these messages: "
-                         f"{type(e).__name__}: {one_line(e)}") from None
-
-
-@functools.lru_cache(maxsize=16)
-def compile_template(source):
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):
-        # {% generation %}...{% endgeneration %} marks assistant text for transformers' training masks; render the body
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def refuse_private(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"a namespace may not hold {name!r}: names starting with _ reach "
-                                                  "for Python's internals")
-
-    class Namespace(jinja2.utils.Namespace):
-        # namespace(...) is the one object a template can write to; as in transformers, no "_" names on it
-        def __init__(*args, **kwargs):  # (no named self, so that namespace(self=...) still works, as in Jinja)
-            attrs = dict(*args[1:], **kwargs)
-            for name in attrs:
-                refuse_private(name)
-            jinja2.utils.Namespace.__init__(args[0], attrs)
-
-        def __setitem__(self, name, value):
-            refuse_private(name)
-            super().__setitem__(name, value)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # transformers' tojson: plain json.dumps (Jinja's own escapes <, >, & and ' for HTML)
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    # templates come from the Hub: a sandbox that can't touch Python internals or mutate what it's given
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["namespace"] = Namespace
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
-
-
-def clean_message(message):
-    # as transformers 5: drop keys whose value is None, and give reasoning under both names templates read
-    message = {k: v for k, v in message.items() if v is not None}
-    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
-    if reasoning is not None:
-        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-    return message
-
-
-def plain_chat(messages, add_generation_prompt):
-    # the fallback for checkpoints without a template (base models): "role: content" lines, then "assistant: "
-    def text(content):
-        return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
-    lines = "".join(f"{m['role']}: {text(m.get('content') or '')}\n" for m in messages)
-    return lines + ("assistant: " if add_generation_prompt else "")

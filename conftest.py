@@ -14,7 +14,8 @@ import models
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs a real checkpoint (SmolLM2-135M); CI runs these too")
+    config.addinivalue_line("markers", "slow: runs a real checkpoint (SmolLM2-135M) or an exhaustive check (every "
+                                       "token of the real tokenizers); CI runs these too")
 
 
 # ----------------------------------------------------------------------------------------------------------------

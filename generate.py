@@ -17,7 +17,6 @@ tokens/s, time to first token and peak memory go to stderr.
 """
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+import convert_hf
 import models
 from models import QUANTIZE_MODES
 from tokenizer import Tokenizer
@@ -735,15 +735,21 @@ class LLM:
     @classmethod
     def load(cls, checkpoint_dir, device=None, dtype=None, quantize=None, compile=False, draft=None,
              draft_quantize=None) -> "LLM":
-        """draft: a smaller checkpoint with the same tokenizer, loaded on the same device in the same dtype (quantized
-        as draft_quantize says), to guess tokens for speculative decoding."""
-        checkpoint_dir = Path(checkpoint_dir)
+        """checkpoint_dir: a native checkpoint dir, or a Hub repo id org/name (fetched and converted into
+        checkpoints/org/name on first use: convert_hf.resolve_checkpoint). draft: a smaller checkpoint with the same
+        tokenizer, loaded on the same device in the same dtype (quantized as draft_quantize says), to guess tokens
+        for speculative decoding."""
+        checkpoint_dir = convert_hf.resolve_checkpoint(checkpoint_dir)
         if not checkpoint_dir.is_dir():
-            raise FileNotFoundError(f"checkpoint dir {checkpoint_dir} not found "
-                                    f"(convert one with: python convert_hf.py HF_DIR {checkpoint_dir})")
-        if isinstance(dtype, str):
+            raise FileNotFoundError(f"checkpoint dir {checkpoint_dir} not found (convert one with: python "
+                                    f"convert_hf.py HF_DIR {checkpoint_dir}, or give a Hub repo id org/name)")
+        if isinstance(dtype, str) or dtype is not None and dtype not in DTYPES.values():
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
-        device = torch.device(device) if device else models.default_device()
+        device = models.check_device(device)
+        gen_path = checkpoint_dir / "generation_config.json"
+        generation_config = models.read_json_object(gen_path) if gen_path.is_file() else {}
         # On CPU the weights are copied into a faster layout (or quantized) anyway: read them into memory rather
         # than memory-map them, so the file's pages do not count on top of the copies.
         model = models.load(checkpoint_dir, device=device, dtype=dtype, mmap=device.type != "cpu")
@@ -756,9 +762,11 @@ class LLM:
             import finetune_lora
             if finetune_lora.adapter_metadata(adapter)["merged"] == "false":
                 finetune_lora.load_adapter(model, adapter)
-        gen_path = checkpoint_dir / "generation_config.json"
-        generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         llm = cls(model, Tokenizer(checkpoint_dir), generation_config, compile)
+        try:                                      # the file's sampling defaults: its fault, not the caller's
+            llm.default_sampling().check()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{gen_path}: {e}; fix the file (without do_sample decoding is greedy)") from None
         if draft is not None:
             llm.draft = cls.load(draft, device, dtype, draft_quantize)
             check_same_tokenizer(llm.tokenizer, llm.draft.tokenizer, draft)
@@ -898,7 +906,12 @@ def interactive_chat(llm: LLM, system: str | None, **kwargs):
         if user.strip() == "/reset":
             messages = messages[:1] if system else []
             continue
-        messages = fit_history(llm, messages + [{"role": "user", "content": user}], kwargs["max_new_tokens"])
+        try:
+            turn = fit_history(llm, messages + [{"role": "user", "content": user}], kwargs["max_new_tokens"])
+        except ValueError as e:                   # refuse this message, keep the conversation
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        messages = turn
         reply = []
         for piece in llm.stream_chat(messages, **kwargs):
             print(piece, end="", flush=True)
@@ -910,7 +923,7 @@ def interactive_chat(llm: LLM, system: str | None, **kwargs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate text with a FlatLM checkpoint (no --prompt: chat).")
-    p.add_argument("checkpoint_dir")
+    p.add_argument("checkpoint_dir", help="a converted checkpoint dir, or a Hub repo id org/name (converted once)")
     p.add_argument("--prompt", help="text to continue (or, with --chat, the user message)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--system", help="system message for chat")
@@ -950,7 +963,7 @@ def main(argv=None):
             print(piece, end="", flush=True)
         print()
         print(llm.stats.report(llm.device), file=sys.stderr)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:           # OSError: FileNotFoundError, and a checkpoints/ dir not writable
         sys.exit(f"error: {e}")
 
 

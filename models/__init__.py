@@ -185,7 +185,8 @@ def value_fits(value, annotation) -> bool:
         return type(value) in (int, float)
     if annotation is int:                        # not a bool, not 1e12 (a float in JSON)
         return type(value) is int
-    return isinstance(value, typing.get_origin(annotation) or annotation)
+    kind = typing.get_origin(annotation) or annotation
+    return isinstance(value, list if kind is tuple else kind)   # JSON has no tuples: a tuple field reads a list
 
 
 def weight_files(checkpoint_dir) -> list[Path]:

@@ -20,7 +20,7 @@ from conftest import assert_batched_decoding_matches_alone, assert_meta_init_equ
 TINY = dict(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, dim=32, intermediate_size=48, max_seq_len=64)
 CONFIG_FIELDS = ("name", "vocab_size", "n_layer", "n_head", "n_kv_head", "dim", "head_dim", "intermediate_size",
                  "norm_eps", "max_seq_len", "tie_embeddings")
-QUANTIZE_MODES = ("int8", "nf4", "fp4", "bnb.int8")
+QUANTIZE_MODES = ("int8", "int4", "nf4", "fp4", "bnb.int8")
 
 
 def need(ok, m, piece: str):

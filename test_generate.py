@@ -69,7 +69,8 @@ def test_greedy_chat_identical_to_hf(messages, llm, hf_model, smollm2_hf_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.9), ("nf4", 0.6)])
+# Measured: int8 0.96, int4 (groups of 32, int8 head) 0.98; an int4 head would take int4 down to 0.82.
+@pytest.mark.parametrize("mode,min_agreement", [("int8", 0.9), ("int4", 0.9), ("nf4", 0.6)])
 def test_quantized_predictions_agree_with_fp32(mode, min_agreement, smollm2_dir, hf_model):
     # Measure: teacher-forced next-token agreement. Along HF's fp32 greedy continuation of each prompt, the
     # fraction of positions where the quantized model's argmax equals fp32's.

@@ -70,8 +70,9 @@ Weights (convert_hf.py)
                      fused tensor as soon as its parts are in; a ValueError for a missing or unexpected name
 
 Quantization
-  quantize(model, mode) for mode in QUANTIZE_MODES = ("int8", "nf4", "fp4", "bnb.int8"), in place; int8 swaps the
-                     linears for the file's Int8Linear; a ValueError for any other mode
+  quantize(model, mode) for mode in QUANTIZE_MODES = ("int8", "int4", "nf4", "fp4", "bnb.int8"), in place; int8
+                     swaps the linears for the file's Int8Linear, int4 for its Int4Linear (Int8Linear where the
+                     int4 kernel cannot take the shape); a ValueError for any other mode
 
 A new family starts as a copy of the closest model file: see "Add a model family" in README.md.
 """
@@ -372,11 +373,11 @@ def check_fits(config, dtype: torch.dtype, device, copies: int = 1, processes: i
                          f"{free / 2**30:.1f} GiB is free: choose a smaller model, or shard it over more devices")
 
 
-QUANTIZE_MODES = ("int8", "nf4", "fp4", "bnb.int8")     # int8: plain torch; the others: bitsandbytes
+QUANTIZE_MODES = ("int8", "int4", "nf4", "fp4", "bnb.int8")   # int8, int4: plain torch; the others: bitsandbytes
 
 
 def quantize(model, mode: str):
-    """Swap the model's linear layers for its own model file's quantized linear (int8, nf4, fp4, bnb.int8)."""
+    """Swap the model's linear layers for its own model file's quantized linear (int8, int4, nf4, fp4, bnb.int8)."""
     return sys.modules[type(model).__module__].quantize(model, mode)
 
 

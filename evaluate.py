@@ -311,13 +311,14 @@ class FlatLM(TemplateLM):
 
 def task_manager_for(tasks: list[str], include_path=None):
     """lm-eval's TaskManager that knows every name in tasks. Indexing lm-eval's own ~14k task files takes it about
-    15 s of CPU: when include_path alone defines every task asked for, only that folder is indexed."""
+    15 s of CPU: when include_path alone defines every task asked for (tasks, not groups, which may name lm-eval's
+    own), only that folder is indexed."""
     from lm_eval.tasks import TaskManager
     if include_path is not None:
         if not Path(include_path).is_dir():
             raise FileNotFoundError(f"--include_path {include_path} is not a directory of task YAML files")
         local = TaskManager(include_path=str(include_path), include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
+        if all(t in local.all_subtasks for t in tasks):
             return local
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
@@ -331,7 +332,7 @@ def run_tasks(checkpoint_dir, tasks, limit=None, num_fewshot=None, batch_size=8,
               device=None, dtype=None) -> dict:
     """Evaluate a checkpoint on lm-eval tasks (a list, or one comma-separated string): lm-eval's results dict."""
     import lm_eval
-    tasks = [t for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t]
+    tasks = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not tasks:
         raise ValueError("no tasks given: name at least one, e.g. --tasks hellaswag")
     if limit is not None and limit <= 0:

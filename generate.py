@@ -31,10 +31,8 @@ import torch.nn as nn
 
 import convert_hf
 import models
-from models import QUANTIZE_MODES
+from models import DTYPES, QUANTIZE_MODES
 from tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling
@@ -214,7 +212,7 @@ class PromptLookup:
         self.follows: dict[tuple[int, ...], int] = {}   # n-gram -> index of the token after its latest occurrence
         self.indexed = 1                                # the n-grams ending before history[1:indexed] are in it
 
-    def propose(self, history: list[int], k: int, s: Sampling = None, generator=None):
+    def propose(self, history: list[int], k: int, s: Sampling | None = None, generator=None):
         for end in range(self.indexed, len(history)):
             for n in range(1, min(PROMPT_LOOKUP_NGRAM, end) + 1):
                 self.follows[tuple(history[end - n:end])] = end
@@ -247,7 +245,7 @@ def verify_guesses(model, history: list[int], guesses, q: torch.Tensor | None, s
     kept = int(keep.int().cumprod(dim=0).sum())
     if kept == k:
         last = p[k]                                                                        # the bonus token
-    else:                                  # the correction; max(0, p - q) is all 0 only when p == q, never refused
+    else:                                  # the correction (max(0, p - q) is all 0 only if p == q: never refused)
         residual = (p[kept] - guessed[kept]).clamp(min=0)
         last = torch.where(residual.sum() > 0, residual, p[kept])
     return guesses[:kept].tolist() + [torch.multinomial(last, 1, generator=generator).item()]
@@ -288,8 +286,7 @@ def speculative_generate_tokens(model, prompt_ids: list[int], max_new_tokens: in
 
 def check_speculation(draft, speculate_k: int, prompt_lookup: int | None):
     if prompt_lookup is not None and draft is not None:
-        raise ValueError("prompt_lookup guesses from the text and a draft model guesses with a model: use one "
-                         "(load without draft= for prompt lookup)")
+        raise ValueError("prompt lookup and a draft model are two ways of guessing tokens: use one, not both")
     if prompt_lookup is not None and not (isinstance(prompt_lookup, int) and prompt_lookup >= 1):
         raise ValueError(f"prompt_lookup must be a positive integer (tokens guessed per step), got {prompt_lookup}")
     if not (isinstance(speculate_k, int) and speculate_k >= 1):
@@ -324,8 +321,14 @@ class SplitLinear(nn.Module):
         self.blocks = self.weight.t().view(self.in_features, parts, -1).transpose(0, 1)
 
     def forward(self, x):
-        rows = x.reshape(1, -1, self.in_features).expand(self.parts, -1, -1)     # (parts, M, in), no copy
-        y = torch.bmm(rows, self.blocks).transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
+        M = x.numel() // self.in_features
+        rows = x.reshape(1, M, self.in_features)
+        if M == 1 and torch.compiler.is_compiling():
+            # Compiled, a one-row batched matmul becomes inductor's own reduction loop, several times slower than
+            # MKL: a second, identical row keeps it MKL's.
+            rows = rows.expand(1, 2, self.in_features)
+        y = torch.bmm(rows.expand(self.parts, -1, -1), self.blocks)[:, :M]     # (parts, M, out / parts), no copy in
+        y = y.transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
@@ -340,6 +343,15 @@ def split_linears_for_cpu(model: nn.Module, wide: bool = False):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32 and \
                     (wide or child.out_features >= child.in_features) and child.out_features % parts == 0:
                 setattr(parent, name, SplitLinear(child, parts))
+
+
+def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
+    """Quantize the model's linear layers (models.QUANTIZE_MODES), or on a CPU give them the faster layout."""
+    if quantize:
+        models.quantize(model, quantize)
+    elif model.tok_embeddings.weight.device.type == "cpu":
+        split_linears_for_cpu(model)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -753,13 +765,10 @@ class LLM:
         # On CPU the weights are copied into a faster layout (or quantized) anyway: read them into memory rather
         # than memory-map them, so the file's pages do not count on top of the copies.
         model = models.load(checkpoint_dir, device=device, dtype=dtype, mmap=device.type != "cpu")
-        if quantize:
-            models.quantize(model, quantize)
-        elif device.type == "cpu":
-            split_linears_for_cpu(model)
+        prepare_for_inference(model, quantize)
         adapter = checkpoint_dir / "adapter.safetensors"
         if adapter.is_file():                     # a LLaMA-Adapter cannot be merged into the weights: apply it
-            import finetune_lora
+            import finetune_lora                  # only on this path: generating needs no training code
             if finetune_lora.adapter_metadata(adapter)["merged"] == "false":
                 finetune_lora.load_adapter(model, adapter)
         llm = cls(model, Tokenizer(checkpoint_dir), generation_config, compile)

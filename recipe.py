@@ -6,11 +6,10 @@ Every key is listed below with its default; `key=value` overrides any of them (d
 read as YAML). An unknown key, a value of the wrong type or out of range, and invalid YAML are one-line errors
 (RecipeError) that name the key and what would be valid. The `model` section says what pretraining builds (a
 preset of a model file and the fields to change); for finetuning, if present, it is the architecture the recipe
-was written for, and a checkpoint_dir of another architecture is refused (model_config).
+was written for, and a checkpoint_dir of another architecture (other weights) is refused (model_config).
 """
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -281,17 +280,12 @@ def model_config(recipe: Recipe):
             raise RecipeError(f"the recipe's model section ({described}) does not match {recipe.checkpoint_dir}, a "
                               f"{m.__name__.split('.')[-1]} checkpoint; fix checkpoint_dir, or set model={{}} to "
                               f"train any checkpoint")
-        for f in fields(config):
-            if f.name != "name" and not same_value(getattr(config, f.name), getattr(expected, f.name)):
-                raise RecipeError(f"the recipe's model section ({described}) does not match "
-                                  f"{recipe.checkpoint_dir}: {f.name} is {getattr(config, f.name)!r} there, "
-                                  f"{getattr(expected, f.name)!r} in the recipe; fix checkpoint_dir, or set "
-                                  f"model={{}} to train any checkpoint")
+        # The same weights, tensor for tensor: a context length or RoPE setting of its own (an Instruct variant's)
+        # is the same architecture. The first field that differs is the one to name.
+        if models.expected_shapes(config) != models.expected_shapes(expected):
+            key = next(f.name for f in fields(config) if f.name != "name"
+                       and getattr(config, f.name) != getattr(expected, f.name))
+            raise RecipeError(f"the recipe's model section ({described}) does not match {recipe.checkpoint_dir}: "
+                              f"{key} is {getattr(config, key)!r} there, {getattr(expected, key)!r} in the recipe; "
+                              f"fix checkpoint_dir, or set model={{}} to train any checkpoint")
     return m, config
-
-
-def same_value(a, b) -> bool:
-    # floats to float32 precision: a checkpoint converted from GGUF stores norm_eps 1e-5 as 9.99999975e-06
-    if isinstance(a, float) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-6)
-    return a == b

@@ -215,7 +215,7 @@ def test_context_limit_and_streaming(tiny_dir):
 
 def test_bad_speculation_settings_are_refused(tiny_dir, tmp_path):
     llm = LLM.load(tiny_dir, device="cpu", draft=tiny_dir)
-    with pytest.raises(ValueError, match="prompt_lookup guesses from the text and a draft model"):
+    with pytest.raises(ValueError, match="prompt lookup and a draft model are two ways of guessing tokens: use one"):
         llm.generate("Hi", prompt_lookup=3)
     with pytest.raises(ValueError, match="speculate_k must be a positive integer"):
         llm.generate("Hi", speculate_k=0)
@@ -239,11 +239,11 @@ def test_cli_draft_and_prompt_lookup(tiny_dir):
     r = cli(tiny_dir, "--prompt", "one two one two", "--max_new_tokens", "12", "--temperature", "0",
             "--prompt_lookup", "4")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == plain and "tokens per verification step" in r.stderr
+    assert r.stdout.strip() == plain.strip() and "tokens per verification step" in r.stderr
     r = cli(tiny_dir, "--prompt", "one two one two", "--max_new_tokens", "12", "--temperature", "0",
             "--draft", tiny_dir, "--draft_quantize", "int8", "--speculate_k", "3")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == plain and "tokens per verification step" in r.stderr
+    assert r.stdout.strip() == plain.strip() and "tokens per verification step" in r.stderr
     r = cli(tiny_dir, "--prompt", "x", "--draft", tiny_dir, "--prompt_lookup", "3")
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "use one" in r.stderr, r.stderr
 

@@ -118,6 +118,26 @@ def test_precisions_run(precision, tiny_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path).values())
 
 
+def test_the_eval_section_runs_lm_eval_on_the_final_checkpoint(tiny_dir, tmp_path, capsys):
+    out = tiny_lora(tiny_dir, tmp_path, "max_steps=1", "eval.tasks=[flatlm_test_mc]", "eval.limit=3",
+                    f"eval.include_path={ROOT / 'tests' / 'tasks'}")
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["config"]["limit"] == 3
+    acc = results["results"]["flatlm_test_mc"]["acc,none"]
+    assert 0 <= acc <= 1 and f"eval flatlm_test_mc: acc,none {acc:.4f}" in capsys.readouterr().err
+    assert out == tmp_path / "final"
+
+
+def test_global_batch_is_kept_when_the_micro_batch_does_not_split_it(capsys):
+    def fitted(global_batch, micro, world):
+        recipe = recipe_lib.Recipe(global_batch_size=global_batch, micro_batch_size=micro)
+        return train.fit_micro_batch(recipe, train.Env(world_size=world)).micro_batch_size
+    assert fitted(8, 8, 1) == 8 and fitted(8, 8, 2) == 4 and fitted(12, 8, 2) == 6 and fitted(10, 4, 2) == 1
+    assert "micro_batch_size 8 -> 4: each of 2 process(es) takes 4 examples" in capsys.readouterr().err
+    with pytest.raises(recipe_lib.RecipeError, match="global_batch_size=6 cannot be split evenly over 4 processes"):
+        fitted(6, 1, 4)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resume
 
@@ -239,6 +259,13 @@ def test_bad_values_stop_before_anything_is_written(override, message, small_cor
     assert message in error
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
     assert [p.name for p in (tmp_path / "final").iterdir()] == ["config.json"]
+
+
+def test_a_model_too_large_for_memory_is_refused_with_the_figure(small_corpus, tmp_path, capsys):
+    error = main_error(capsys, *tiny_pretraining(small_corpus, tmp_path, "llama"),
+                       'model={"family": "llama", "preset": "Llama-3.1-405B"}')
+    assert "Llama-3.1-405B needs about" in error and "GiB on cpu" in error
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_invalid_yaml_and_an_out_dir_that_is_a_file(small_corpus, tmp_path, capsys):

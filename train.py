@@ -294,8 +294,8 @@ def build_data(recipe: Recipe, tokenizer: Tokenizer, env: Env):
         path = Path(d.path)
         if env.main and d.fetch == "shakespeare":              # a no-op once the plays are there
             datalib.shakespeare_texts(path)
-        prepared = path if (path / "train.bin").is_file() else Path(recipe.out_dir) / "data"
-        if env.main and not (prepared / "train.bin").is_file():
+        prepared = path if (path / "meta.json").is_file() else Path(recipe.out_dir) / "data"   # meta.json: last
+        if env.main and not (prepared / "meta.json").is_file():
             if not path.exists():
                 raise FileNotFoundError(f"data.path {path} not found")
             datalib.prepare_corpus(path, tokenizer, prepared, val_fraction=max(d.val_fraction, 1e-3))
@@ -763,7 +763,7 @@ def train(recipe: Recipe, env: Env) -> Path:
 
 
 def start_run(recipe: Recipe, env: Env):
-    """Check what can be checked before any work (out_dir, TPU limits, eval tasks); write out_dir/recipe.yaml."""
+    """Check what can be checked before any work (out_dir, TPU limits, lm-eval, memory); write out_dir/recipe.yaml."""
     out_dir = Path(recipe.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(f"out_dir {out_dir} is a file, not a directory; choose another out_dir")
@@ -772,6 +772,10 @@ def start_run(recipe: Recipe, env: Env):
                           "the final checkpoint is")
     if recipe.eval.tasks and importlib.util.find_spec("lm_eval") is None:
         raise RecipeError("eval.tasks needs lm-eval (pip install lm-eval), or set eval.tasks=[]")
+    if recipe.method in ("pretrain", "full"):       # weights, gradients, AdamW's two moments: refused with the figure
+        gpus = env.device.type == "cuda"             # (CPU processes of one machine share its memory)
+        models.check_fits(model_config(recipe)[1], param_dtype(recipe.precision), env.device, copies=4,
+                          processes=env.world_size if gpus else 1)
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)

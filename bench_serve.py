@@ -10,7 +10,7 @@ concurrency c, c threads send one streamed greedy chat request each at the same 
 request to the last token; time to first token is the mean over the c requests of the time to the first text chunk.
 The best of --rounds rounds is kept. Peak memory is the server's (VmHWM). A server that cannot run here gets a row
 that says why. LitGPT runs from its own environment (see bench_generate.py):
-    python3 -m venv .venv-litgpt && .venv-litgpt/bin/pip install torch==2.13.0 litgpt requests bitsandbytes
+    python3 -m venv .venv-litgpt && .venv-litgpt/bin/pip install torch==2.13.0 litgpt requests bitsandbytes litserve
 """
 
 import argparse

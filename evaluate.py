@@ -28,9 +28,7 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,7 +40,8 @@ from tqdm import tqdm
 
 import convert_hf
 import models
-from generate import DTYPES, LLM
+from generate import LLM
+from models import DTYPES
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring: the log-likelihood of the last n tokens of a sequence, given the tokens before them
@@ -348,17 +347,10 @@ def run_tasks(checkpoint_dir, tasks, limit=None, num_fewshot=None, batch_size=8,
 
 
 def write_json_atomically(obj, path: Path):
-    """Write JSON under a temporary name in the same folder, then rename: never a half-written file."""
+    """lm-eval's results as JSON, under a temporary name then renamed (models.atomic_file): never half-written."""
     from lm_eval.utils import handle_non_serializable
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    text = json.dumps(obj, indent=2, default=handle_non_serializable, ensure_ascii=False)
+    models.atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

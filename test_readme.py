@@ -29,8 +29,8 @@ MARK = re.compile(r"\(needs [^)]+\)")
 # Arguments appended to a command that runs this script, so that it ends in seconds: they override the ones
 # before them (argparse and recipe overrides both take the last value).
 SHORTER = {
-    "train.py": ["max_steps=2", "eval_batches=1"],
-    "finetune_lora.py": ["max_steps=2", "eval_batches=1"],        # not for `finetune_lora.py merge ...`
+    "train.py": ["max_steps=1", "eval_batches=1"],
+    "finetune_lora.py": ["max_steps=1", "eval_batches=1"],        # not for `finetune_lora.py merge ...`
     "generate.py": ["--max_new_tokens", "8"],
     "bench_generate.py": ["--new_tokens", "8", "--repeats", "1"],
 }

@@ -14,6 +14,7 @@ inside the source.
 
 import argparse
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -63,8 +64,16 @@ def read_tensors(files: list[Path]):
             # so it is never read all at once; the legacy format cannot be, and is read whole.
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            except pickle.UnpicklingError as e:     # weights_only met a global it does not allow: never run it
+                # torch names what it refused on a line of its own: "... unsupported GLOBAL posix.system whose ..."
+                # or "Unsupported global: GLOBAL x.y was not an allowed global ..."
+                unsupported = re.search(r"(GLOBAL [\w.]+)", str(e))
+                what = unsupported.group(1) if unsupported else "not a plain state dict"
+                raise ValueError(f"{path} holds Python objects, not only tensors ({what}): refused, nothing in it "
+                                 f"was run; use the repo's safetensors files") from None
             except Exception as e:
-                raise ValueError(f"{path} is truncated or not a PyTorch checkpoint ({e})") from None
+                reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise ValueError(f"{path} is truncated or not a PyTorch checkpoint ({reason})") from None
             if not isinstance(state, dict):
                 raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
             for name in list(state):

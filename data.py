@@ -360,8 +360,10 @@ def prepare_corpus(src, tokenizer, out_dir, val_fraction=0.005, workers=None):
     held_out = val_documents(n_docs, val_fraction)
     workers = min(workers or os.cpu_count() or 1, n_docs)
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a directory; choose another output directory")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # written last: token files without it are not a prepared corpus
     counts = {"train": 0, "val": 0}
     progress = Progress("prepare", n_docs, "docs")
 
@@ -382,12 +384,21 @@ def prepare_corpus(src, tokenizer, out_dir, val_fraction=0.005, workers=None):
                     doc += 1
                 progress.update(doc, f"{(counts['train'] + counts['val']) / 1e6:.1f}M tokens")
             progress.close(doc, f"{(counts['train'] + counts['val']) / 1e6:.1f}M tokens", always=True)
+        # Both files are complete: from here the corpus already in out_dir (if any) is being replaced, so its
+        # meta.json goes first (token files without a meta.json are not a prepared corpus; it is written last).
+        (out_dir / "meta.json").unlink(missing_ok=True)
 
     def write_val_inside(train_tmp):
         models.atomic_file(out_dir / "val.bin", lambda val_tmp: write(train_tmp, val_tmp))
 
     # Each file is written under a temporary name and renamed when complete (models.atomic_file), meta.json last.
-    models.atomic_file(out_dir / "train.bin", write_val_inside)
+    # A run that fails before then leaves a corpus already there untouched, and no directory it created.
+    try:
+        models.atomic_file(out_dir / "train.bin", write_val_inside)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "eos_id": end_of_text_id(tok),
             "bos_id": tok.bos_id if tok.add_bos else None, "train_tokens": counts["train"],

@@ -2,6 +2,7 @@
 shard, and bad input fails with one line naming the problem and leaves nothing behind."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -228,6 +229,27 @@ def test_legacy_pytorch_bin_input(tmp_path):
     idx = torch.randint(0, TINY["vocab_size"], (1, 9))
     with torch.no_grad():
         assert torch.equal(model(idx), hf(idx).logits)
+
+
+class Payload:
+    """Unpickling this would run `touch <marker>`."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_malicious_pickle_is_refused_and_never_run(zip_format, tmp_path):
+    save_hf(tiny_llama(), tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"model.embed_tokens.weight": Payload(marker)}, tmp_path / "hf" / "pytorch_model.bin",
+               _use_new_zipfile_serialization=zip_format)
+    message = main_error(tmp_path / "hf", tmp_path / "native")
+    assert "holds Python objects, not only tensors" in message and "system" in message and "truncated" not in message
+    assert not marker.exists() and not (tmp_path / "native").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -151,6 +151,8 @@ BYTES = Path(__file__).parent / "recipes" / "tokenizers" / "bytes"    # a byte-l
     (["prepare", "{tmp}/good.txt", "{tmp}/out", "--tokenizer", "{tmp}/no-tokenizer"], "{tmp}/no-tokenizer"),
     (["prepare", "{tmp}/good.txt", "{tmp}/out", "--tokenizer", str(BYTES), "--val_fraction", "2"],
      "--val_fraction must be in [0, 1), got 2.0"),
+    (["prepare", "{tmp}/good.txt", "{tmp}/good.txt", "--tokenizer", str(BYTES)],
+     "{tmp}/good.txt is a file, not a directory; choose another output directory"),
 ])
 def test_command_line_errors_are_one_line(argv, message, tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin-1"))
@@ -160,7 +162,19 @@ def test_command_line_errors_are_one_line(argv, message, tmp_path, capsys):
     assert e.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(tmp=tmp_path) in lines[0], lines
-    assert not (tmp_path / "out" / "train.bin").exists()
+    assert not (tmp_path / "out").exists()                                  # not even an empty directory
+    assert (tmp_path / "good.txt").read_text() == "All the world's a stage."
+
+
+def test_a_failed_prepare_leaves_the_corpus_already_there(tmp_path):
+    (tmp_path / "good.txt").write_text("All the world's a stage.")
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin-1"))
+    out = tmp_path / "out"
+    meta = data.prepare_corpus(tmp_path / "good.txt", BYTES, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+        data.prepare_corpus(tmp_path / "latin1.txt", BYTES, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and meta["train_tokens"] > 0
 
 
 def test_windows_are_a_function_of_seed_and_step(corpus):

@@ -165,7 +165,7 @@ def bench_flatlm(args, mode, compile, prompt_ids):
                 best_tps = max(best_tps, (args.new_tokens - 1) / (stats.total_time - stats.time_to_first_token))
     read = bytes_per_token(llm.model, len(prompt_ids) + args.new_tokens // 2)
     return dict(ttft_s=best_ttft, decode_tok_s=best_tps, tokens=tokens, load_s=load_s, bytes_per_token=read,
-                compiled=llm.decode_fn is not generate.decode_one_token)
+                compiled=llm.compiled)
 
 
 def bench_hf(args, mode, prompt_ids):

@@ -3,6 +3,7 @@ generation close to it, sampling controls, EOS, streaming, the CLI and its error
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,29 @@ def test_same_seed_same_text_and_greedy_limits(tiny_dir):
     greedy = run(temperature=0)
     assert run(temperature=1.0, top_k=1, seed=5) == greedy
     assert run(temperature=1.0, top_p=1e-6, seed=5) == greedy
+
+
+def test_thread_tuned_decode_runs_on_the_faster_thread_count_and_probes_the_other(monkeypatch):
+    from generate import ThreadTunedDecode
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[0])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.__setitem__(0, n))
+    threads, seen, slow = [2], [], {2}                   # a loaded machine: two threads are slow
+
+    def step():
+        seen.append(threads[0])
+        time.sleep(0.02 if threads[0] in slow else 0.001)
+        return threads[0]
+
+    tuned = ThreadTunedDecode(step)
+    for _ in range(2 * ThreadTunedDecode.PROBE_EVERY):
+        tuned()
+    assert seen[:2] == [2, 1] and seen.count(2) == 3    # each tried, then one thread but for a probe per period
+    assert threads == [2]                               # the caller's setting is left as it was
+    slow = {1}                                          # the load is gone: the next probe finds two threads faster
+    seen.clear()
+    for _ in range(ThreadTunedDecode.PROBE_EVERY + 2):
+        tuned()
+    assert seen[-2:] == [2, 2]
 
 
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():

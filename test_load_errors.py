@@ -119,3 +119,20 @@ def test_an_over_long_chat_message_is_refused_and_the_conversation_goes_on(tiny_
     first, second = map(int, re.findall(r"prompt (\d+) tokens", err))
     history = len(llm.tokenizer.encode_chat([{"role": "user", "content": "hi"}]))
     assert first == history and second > history     # the second "hi" came after the first exchange, kept
+
+
+def test_a_chat_template_that_raises_is_one_line_from_the_command_line_and_the_repl(tiny_copy, monkeypatch, capsys):
+    # The template raises for a system message (as Gemma's does): --chat names the template; the REPL says so and
+    # goes on, its next message answered.
+    template = tiny_copy / "chat_template.jinja"
+    template.write_text("{% for m in messages %}{% if m['role'] == 'system' %}"
+                        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    message = cli_error(generate.main, tiny_copy, "--chat", "--system", "Be brief.", "--prompt", "hi",
+                        "--max_new_tokens", "2")
+    assert "chat template" in message and "System role not supported" in message
+    lines = iter(["hi", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    llm = generate.LLM.load(tiny_copy, device="cpu")
+    generate.interactive_chat(llm, "Be brief.", max_new_tokens=2, temperature=0)
+    err = capsys.readouterr().err
+    assert "System role not supported" in err and "Traceback" not in err

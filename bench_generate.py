@@ -23,7 +23,7 @@ known GPU, else a measured copy).
 The litgpt:* configurations run LitGPT's own model and decoding loop (LLM.load, litgpt.generate.base.generate_fn) on
 the same prompt tokens, in LitGPT's own virtual environment, on a checkpoint that LitGPT's convert_to_litgpt makes
 from the same HF dir. Without one they are skipped with a note; make one with
-    python3 -m venv .venv-litgpt && .venv-litgpt/bin/pip install torch==2.13.0 litgpt requests bitsandbytes
+    python3 -m venv .venv-litgpt && .venv-litgpt/bin/pip install torch==2.13.0 litgpt requests bitsandbytes litserve
 """
 
 import argparse
@@ -48,7 +48,7 @@ PRESET_CONFIGS = ["flatlm:bfloat16:eager", "flatlm:bfloat16:compiled", "flatlm:i
                   "flatlm:int4:eager", "flatlm:int4:compiled"]
 LITGPT_VENV_PYTHON = ROOT / ".venv-litgpt" / "bin" / "python"
 LITGPT_INSTALL = ("python3 -m venv .venv-litgpt && .venv-litgpt/bin/pip install torch==2.13.0 litgpt requests "
-                  "bitsandbytes")
+                  "bitsandbytes litserve")
 
 # HBM bandwidth from NVIDIA's datasheets (bytes/s), matched against torch.cuda.get_device_name in this order.
 GPU_BANDWIDTH = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),

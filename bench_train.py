@@ -20,7 +20,7 @@ merge of the LoRA weights included. The load average is printed too: on a shared
 LitGPT gets its own virtual environment (it pins its own dependencies); the LitGPT rows need it, else they are
 skipped with a note:
 
-    python3 -m venv .venv-litgpt && .venv-litgpt/bin/pip install torch==2.13.0 litgpt requests bitsandbytes
+    python3 -m venv .venv-litgpt && .venv-litgpt/bin/pip install torch==2.13.0 litgpt requests bitsandbytes litserve
 
 (requests: jsonargparse needs it for the litgpt command line; bitsandbytes: --quantize). Its checkpoint is made from
 the same HF dir by LitGPT's own `litgpt convert_to_litgpt`, in a dir named like its config (HuggingFaceTB/SmolLM2-...).
@@ -66,7 +66,7 @@ LORA_R, LORA_ALPHA = 16, 32
 SEED = 1337
 
 # What the two print at the end of each optimizer step and about their trainable parameters.
-FLATLM_STEP = re.compile(r"^step (\d+)/\d+ \[[#-]*\] loss ")
+FLATLM_STEP = re.compile(r"^step (\d+)/\d+ (?:\[[#-]*\] )?loss ")
 LITGPT_STEP = re.compile(r"\| iter \d+ step (\d+) \|.*\(step\)\s*$")
 TRAINABLE = re.compile(r"(?:^\w+: |Number of trainable parameters: )([\d,]+)(?: trainable parameters|$)")
 ERROR = re.compile(r"^(error: .*|\w+(Error|Exception): .*)$")

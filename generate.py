@@ -369,17 +369,52 @@ class SplitLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def split_linears_for_cpu(model: nn.Module, wide: bool = False):
+def split_linears_for_cpu(model: nn.Module):
     """Swap every fp32 linear layer at least as tall as it is wide for a SplitLinear over the CPU's threads (wide
     ones, like the MLP's down projection, are fastest as they are; MKL's bf16 batched matmul is slower than its
-    plain one, so bf16 weights stay too). A tied head keeps sharing the embedding's weight. wide=True swaps the wide
-    ones too: the engine needs every row computed alike (see MIN_DECODE_ROWS)."""
+    plain one, so bf16 weights stay too). A tied head keeps sharing the embedding's weight."""
     parts = torch.get_num_threads()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32 and \
-                    (wide or child.out_features >= child.in_features) and child.out_features % parts == 0:
+                    child.out_features >= child.in_features and child.out_features % parts == 0:
                 setattr(parent, name, SplitLinear(child, parts))
+
+
+class PackedLinear(nn.Module):
+    """A linear layer for the engine's CPU decoding: the weight in oneDNN's blocked layout, multiplied by oneDNN's
+    kernel. Two reasons, both measured on this project's 2-core AVX2 EPYC (fp32, SmolLM2-135M's shapes):
+      - MKL (what nn.Linear and SplitLinear run) computes a row with different reduction orders for M = 1, 2-3 and
+        >= 4 rows, so a row's bits would depend on how many sequences share the step. oneDNN with a weight packed
+        for PACK_ROWS rows computes each row alike for every M from 1 to 23, on 1 and 2 threads.
+      - MKL streams the weights at 5-7 GB/s for 4-16 rows; oneDNN at 9-13. (At one row MKL's column-major
+        SplitLinear is faster, 15 GB/s against 13: single-sequence generation keeps it.)
+    Inference only (no autograd), and the packed copy replaces the weight: the module holds no parameter."""
+
+    PACK_ROWS = 16
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().contiguous()                   # (a SplitLinear's is column-major)
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_ROWS),
+                             persistent=False)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_linears_for_engine(model: nn.Module):
+    """Swap every fp32 linear layer (nn.Linear or SplitLinear) for a PackedLinear; quantized and bf16 layers stay
+    (their kernels are row-invariant as they are). Without oneDNN the layers stay too, and rows may then differ in
+    their last bits with the batch."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (nn.Linear, SplitLinear) and child.weight.dtype == torch.float32:
+                setattr(parent, name, PackedLinear(child))
 
 
 def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
@@ -403,23 +438,20 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.M
 # give token for token what each gives alone, and a seeded sample draws the same tokens. What that takes:
 #   - Prefill runs each sequence alone, in chunks that start at multiples of prefill_chunk: the same calls
 #     whatever else is running. Each sequence samples with a generator of its own.
-#   - MKL's fp32 matmul computes a row with one reduction order for M >= 4 rows and others for M = 1 (its gemv)
-#     and M = 2..3; and a plain (unbatched) matmul on 2 threads may split the rows between the threads, so that a
-#     row in a tail of 1 to 3 takes the small-M path (M = 5..7 and 9..11). A batched matmul keeps each batch entry
-#     on one thread. So on CPU every fp32 linear layer becomes a SplitLinear (a batched matmul, one column block
-#     per thread) and a decode step has at least MIN_DECODE_ROWS rows, the slots not decoding riding along as idle
-#     rows whose outputs are thrown away. Measured on this project's CPU: every matrix shape of SmolLM2 and the
-#     tiny test models, 1 and 2 threads, M up to 128, the same row at every position. (bf16 and the int8 kernel
-#     are row-invariant at every M.)
+#   - MKL's fp32 matmul (nn.Linear's) computes a row with one reduction order for M >= 4 rows and others for
+#     M = 1 (its gemv) and M = 2..3, and on 2 threads a tail of 1 to 3 rows takes the small-M path. oneDNN's, with
+#     the weight packed once for PackedLinear.PACK_ROWS rows, computes every row alike at every M on 1 or 2 threads
+#     (measured: every matrix shape of SmolLM2 and the tiny test models, M from 1 to 23, every row position). So
+#     on CPU the engine swaps every fp32 linear layer for a PackedLinear and decodes just the rows up to the last
+#     slot that decodes. (bf16 and the int8 and int4 kernels are row-invariant as they are.)
 #   - CPU SDPA (its flash kernel) is not row-invariant in fp32: each thread has a scratch buffer, and MKL's
 #     reduction of probs @ v depends on that buffer's alignment, so a row's bits depend on which thread ran it
 #     (measured: rows agree on 1 thread). The decode step runs the model file's explicit attention instead
-#     (Attention.use_sdpa = False, in the files that offer it): plain matmuls, each (row, head) its own batch entry.
+#     (Attention.use_sdpa = False): plain matmuls, each (row, key/value head) its own batch entry.
 #   - An idle row must not disturb its slot: it writes where the slot's next real write goes anyway (position 0
 #     of a free slot, the next prompt position of a slot being prefilled), which nothing reads before that.
 #   - The cache length (and so the attention's reduction length) changes only while no sequence runs; see admit.
 
-MIN_DECODE_ROWS = 4
 CACHE_BUCKET = 256      # cache lengths are this times a power of two (capped at the context): few reallocations
 
 
@@ -551,11 +583,11 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.device = model.tok_embeddings.weight.device
         if self.device.type == "cpu":
-            split_linears_for_cpu(model, wide=True)
+            pack_linears_for_engine(model)
         self.attentions = [b.attn for b in model.layers if hasattr(b.attn, "use_sdpa")]
         self.context = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
-        self.slots: list[Sequence | None] = [None] * max(max_batch_size, MIN_DECODE_ROWS)
+        self.slots: list[Sequence | None] = [None] * max_batch_size
         self.running: list[Sequence] = []          # in the order they were admitted
         self.waiting: deque[Sequence] = deque()
         self.cache_len, self.cache = 0, None       # the cache this engine set up in the model
@@ -697,7 +729,7 @@ class Engine:
         decoding = [s for s in self.running if s.next_token is not None]
         if not decoding:
             return
-        n = max(max(s.slot for s in decoding) + 1, MIN_DECODE_ROWS)
+        n = max(s.slot for s in decoding) + 1
         idx = torch.zeros(n, 1, dtype=torch.long)                        # idle rows: token 0 ...
         input_pos = torch.zeros(n, 1, dtype=torch.long)                  # ... at position 0 of a free slot
         for s in self.running:

@@ -52,7 +52,7 @@ def test_int4_forward_multiplies_by_the_dequantized_weights(family):
 
 
 def test_int4_rows_do_not_depend_on_their_batch_mates():
-    # The engine decodes many sequences in one matmul (at least generate.MIN_DECODE_ROWS rows): each row must come
+    # The engine decodes many sequences in one matmul, as many rows as slots decode: each row must come
     # out bitwise as it does alone or in any other batch.
     q = models.module("llama").Int4Linear(random_linear(out_features=256, in_features=576))
     x = torch.randn(32, 576)

@@ -348,10 +348,12 @@ class KVCache(nn.Module):
 # H/K; SDPA's enable_gqa broadcasts each key/value head over its group without copying it. One fused matmul makes
 # q, k and v. Scores are scaled by query_pre_attn_scalar ** -0.5 (head_dim ** -0.5 but in Gemma 2 / 3 27B).
 # Soft-capping (Gemma 2) bends the scores through cap * tanh(scores / cap) before the softmax, which SDPA cannot
-# do: those models take the explicit path below, the others the fused kernel.
+# do: those models take the explicit path below, the others the fused kernel (but in the engine's decode).
 
 
 class Attention(nn.Module):
+    use_sdpa = True     # False: the explicit path for every layer (generate.py's engine decodes so)
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
@@ -383,14 +385,19 @@ class Attention(nn.Module):
             rows = slice(0, B) if cache_rows is None else cache_rows
             k, v = self.kv_cache.update(input_pos, k, v, rows)             # (B, K, S, D)
         cap = self.config.attn_softcap
-        if cap is None and mask is None:                                   # plain causal over these T tokens
+        if self.use_sdpa and cap is None and mask is None:                 # plain causal over these T tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale, enable_gqa=H != K)
-        elif cap is None:
+        elif self.use_sdpa and cap is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=H != K)
-        else:   # the same attention spelled out, with the cap between the scores and the softmax
+        else:   # the same attention spelled out, with the cap (if any) between the scores and the softmax
             G = H // K                                                     # query heads per key/value head
             scores = q.reshape(B, K, G * T, D) @ k.transpose(-2, -1)       # (B, K, G*T, S): k is not copied per group
-            scores = cap * torch.tanh(scores * (self.scale / cap))         # scaled, then squashed into (-cap, cap)
+            if cap is None:
+                scores = scores * self.scale
+            else:
+                scores = cap * torch.tanh(scores * (self.scale / cap))     # scaled, then squashed into (-cap, cap)
+            if mask is None:                                               # causal among these T tokens (S == T)
+                mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
             scores = scores.view(B, K, G, T, -1) + mask.unsqueeze(-3)      # mask (T, S) or (B, 1, T, S)
             probs = F.softmax(scores.float(), dim=-1).to(q.dtype)          # softmax in fp32, as HF does
             y = (probs.view(B, K, G * T, -1) @ v).view(B, H, T, D)

@@ -281,14 +281,14 @@ class KVCache(nn.Module):
 def explicit_attention(q, k, v, mask):
     # q: (B, H, T, D); k, v: (B, K, S, D); mask: additive, broadcasting to (B, H, T, S), or None for causal
     # attention among these T tokens (S == T). -> (B, H, T, D)
-    H, K, T, S = q.size(1), k.size(1), q.size(2), k.size(2)
-    k = k.repeat_interleave(H // K, dim=1)                                 # (B, H, S, D): query head h reads
-    v = v.repeat_interleave(H // K, dim=1)                                 # key/value head h // (H/K)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))               # (B, H, T, S); sqrt(D) keeps them O(1)
+    B, H, T, D = q.shape
+    K, S = k.size(1), k.size(2)
+    q = q.reshape(B, K, H // K * T, D)           # query head h reads key/value head h // (H/K): group them by it
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(D)).view(B, H, T, S)    # sqrt(D) keeps the scores O(1)
     if mask is None:
         mask = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # -inf above the diagonal
     probs = F.softmax((scores + mask).float(), dim=-1).to(q.dtype)         # each query's weights, summing to 1
-    return probs @ v                                                       # (B, H, T, D)
+    return (probs.view(B, K, H // K * T, S) @ v).view(B, H, T, D)
 
 
 class Attention(nn.Module):

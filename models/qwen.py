@@ -317,9 +317,26 @@ class KVCache(nn.Module):
 # H/K; SDPA's enable_gqa broadcasts each key/value head over its group without copying it. One fused matmul makes
 # q, k and v. Qwen3's QK-norm (as in Dehghani et al. 2023) RMS-normalises every head's q and k over D, with one
 # learned weight for all query heads and one for all key heads, which keeps the attention logits bounded.
+# explicit_attention spells out softmax(q k^T / sqrt(D) + mask) v with the query heads grouped by the key/value
+# head they read; SDPA computes the same in one fused kernel and is what runs, except in the engine's decode.
+
+
+def explicit_attention(q, k, v, mask):
+    # q: (B, H, T, D); k, v: (B, K, S, D); mask: additive, broadcasting to (B, H, T, S), or None for causal
+    # attention among these T tokens (S == T). -> (B, H, T, D)
+    B, H, T, D = q.shape
+    K, S = k.size(1), k.size(2)
+    q = q.reshape(B, K, H // K * T, D)           # query head h reads key/value head h // (H/K): group them by it
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(D)).view(B, H, T, S)    # sqrt(D) keeps the scores O(1)
+    if mask is None:
+        mask = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # -inf above the diagonal
+    probs = F.softmax((scores + mask).float(), dim=-1).to(q.dtype)         # each query's weights, summing to 1
+    return (probs.view(B, K, H // K * T, S) @ v).view(B, H, T, D)
 
 
 class Attention(nn.Module):
+    use_sdpa = True     # False: explicit_attention, the same numbers within 1e-5 (generate.py's engine decodes so)
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
@@ -349,7 +366,9 @@ class Attention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             rows = slice(0, B) if cache_rows is None else cache_rows
             k, v = self.kv_cache.update(input_pos, k, v, rows)             # (B, K, S, D)
-        if mask is None:                                                   # plain causal over these T tokens
+        if not self.use_sdpa:
+            y = explicit_attention(q, k, v, mask)
+        elif mask is None:                                                 # plain causal over these T tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != K)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)

@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -93,6 +94,29 @@ def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, s: Sam
     return sample(logits[:, -1], s, generator)
 
 
+@contextmanager
+def explicit_attention(model):
+    """Every attention layer of model on the model file's explicit path (Attention.use_sdpa = False) inside the
+    block. For one query per sequence on a CPU, its three small ops beat torch's SDPA kernel, which is made for long
+    blocks of queries: SmolLM2-135M's layer, 256 cached positions, one thread, 60 against 330 us in bf16 (SDPA
+    converts its blocks to fp32 and back) and about even in fp32. The engine also needs it to be row-invariant."""
+    layers = [block.attn for block in model.layers if hasattr(block.attn, "use_sdpa")]
+    saved = [attn.use_sdpa for attn in layers]
+    for attn in layers:
+        attn.use_sdpa = False
+    try:
+        yield
+    finally:
+        for attn, use in zip(layers, saved):
+            attn.use_sdpa = use
+
+
+def decode_one_token_explicit(model, token: torch.Tensor, input_pos: torch.Tensor, s: Sampling, generator=None):
+    # decode_one_token with explicit attention: LLM's eager decoding on a CPU
+    with explicit_attention(model):
+        return decode_one_token(model, token, input_pos, s, generator)
+
+
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, s: Sampling, stop_ids=(),
                     generator=None, decode_fn=decode_one_token, stats=None):
     """Yield new token ids one by one until a stop id (not yielded) or max_new_tokens."""
@@ -127,8 +151,8 @@ class ThreadTunedDecode:
     thread count whose latest step was faster, and every PROBE_EVERY steps the other count runs once, to notice a
     change of load (on an idle machine that probe costs about 1/PROBE_EVERY of the speed).
 
-    bf16, int8 and int4 decoding give the same bits on any thread count; fp32 differs in the last bits (CPU SDPA's
-    per-thread scratch buffers; see the engine's notes), as two runs of HF transformers on 1 and 2 threads do."""
+    bf16, int8 and int4 decoding give the same bits on any thread count; fp32 differs in the last bits (MKL's matmuls
+    split their sums by thread count), as two runs of HF transformers on 1 and 2 threads do."""
 
     PROBE_EVERY = 32
 
@@ -386,7 +410,8 @@ class PackedLinear(nn.Module):
     kernel. Two reasons, both measured on this project's 2-core AVX2 EPYC (fp32, SmolLM2-135M's shapes):
       - MKL (what nn.Linear and SplitLinear run) computes a row with different reduction orders for M = 1, 2-3 and
         >= 4 rows, so a row's bits would depend on how many sequences share the step. oneDNN with a weight packed
-        for PACK_ROWS rows computes each row alike for every M from 1 to 23, on 1 and 2 threads.
+        for PACK_ROWS rows computes each row alike for every M from 2 up, on 1 and 2 threads; and for M = 1 too on
+        AVX2, but not on AVX-512 (Zen 4) where the input is over 1024 wide: so the engine decodes at least 2 rows.
       - MKL streams the weights at 5-7 GB/s for 4-16 rows; oneDNN at 9-13. (At one row MKL's column-major
         SplitLinear is faster, 15 GB/s against 13: single-sequence generation keeps it.)
     Inference only (no autograd), and the packed copy replaces the weight: the module holds no parameter."""
@@ -440,10 +465,13 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.M
 #     whatever else is running. Each sequence samples with a generator of its own.
 #   - MKL's fp32 matmul (nn.Linear's) computes a row with one reduction order for M >= 4 rows and others for
 #     M = 1 (its gemv) and M = 2..3, and on 2 threads a tail of 1 to 3 rows takes the small-M path. oneDNN's, with
-#     the weight packed once for PackedLinear.PACK_ROWS rows, computes every row alike at every M on 1 or 2 threads
-#     (measured: every matrix shape of SmolLM2 and the tiny test models, M from 1 to 23, every row position). So
-#     on CPU the engine swaps every fp32 linear layer for a PackedLinear and decodes just the rows up to the last
-#     slot that decodes. (bf16 and the int8 and int4 kernels are row-invariant as they are.)
+#     the weight packed once for PackedLinear.PACK_ROWS rows, computes every row alike at every M >= 2 on 1 or 2
+#     threads (measured: every matrix shape of SmolLM2 and the tiny test models, M from 2 to 39, every row
+#     position, on an AVX2 and an AVX-512 EPYC); M = 1 alike too on AVX2, but not on AVX-512 for inputs wider
+#     than 1024 (another kernel). So on CPU the engine swaps every fp32 linear layer for a PackedLinear and
+#     decodes the rows up to the last slot that decodes, and at least MIN_DECODE_ROWS of them (an idle row is
+#     cheap: the weights stream once for every row). (bf16 and the int8 and int4 kernels are row-invariant as
+#     they are.)
 #   - CPU SDPA (its flash kernel) is not row-invariant in fp32: each thread has a scratch buffer, and MKL's
 #     reduction of probs @ v depends on that buffer's alignment, so a row's bits depend on which thread ran it
 #     (measured: rows agree on 1 thread). The decode step runs the model file's explicit attention instead
@@ -453,6 +481,7 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.M
 #   - The cache length (and so the attention's reduction length) changes only while no sequence runs; see admit.
 
 CACHE_BUCKET = 256      # cache lengths are this times a power of two (capped at the context): few reallocations
+MIN_DECODE_ROWS = 2     # (where there are that many slots) see above
 
 
 @dataclass
@@ -584,7 +613,6 @@ class Engine:
         self.device = model.tok_embeddings.weight.device
         if self.device.type == "cpu":
             pack_linears_for_engine(model)
-        self.attentions = [b.attn for b in model.layers if hasattr(b.attn, "use_sdpa")]
         self.context = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.slots: list[Sequence | None] = [None] * max_batch_size
@@ -729,7 +757,7 @@ class Engine:
         decoding = [s for s in self.running if s.next_token is not None]
         if not decoding:
             return
-        n = max(s.slot for s in decoding) + 1
+        n = max(max(s.slot for s in decoding) + 1, min(MIN_DECODE_ROWS, len(self.slots)))
         idx = torch.zeros(n, 1, dtype=torch.long)                        # idle rows: token 0 ...
         input_pos = torch.zeros(n, 1, dtype=torch.long)                  # ... at position 0 of a free slot
         for s in self.running:
@@ -737,14 +765,8 @@ class Engine:
                 input_pos[s.slot, 0] = s.position if s.next_token is not None else s.prefilled
         for s in decoding:
             idx[s.slot, 0] = s.next_token
-        use_sdpa = [attn.use_sdpa for attn in self.attentions]
-        for attn in self.attentions:
-            attn.use_sdpa = False
-        try:
+        with explicit_attention(self.model):
             logits = self.model(idx.to(self.device), input_pos.to(self.device), cache_rows=slice(0, n))[:, -1]
-        finally:
-            for attn, use in zip(self.attentions, use_sdpa):
-                attn.use_sdpa = use
         greedy = logits.argmax(dim=-1).tolist()                          # (n,): one host sync for every row
         for s in decoding:
             s.position += 1
@@ -803,7 +825,8 @@ class LLM:
         self.engine: Engine | None = None        # made on the first list of prompts
         self.max_batch_size = 16
         self.draft: LLM | None = None            # speculative decoding's draft model (LLM.load(..., draft=DIR))
-        self.decode_fn, self.compiled = decode_one_token, compile
+        self.compiled = compile
+        self.decode_fn = decode_one_token_explicit if self.device.type == "cpu" else decode_one_token
         if compile:
             self.decode_fn = torch.compile(decode_one_token, fullgraph=True,
                                            mode="reduce-overhead" if self.device.type == "cuda" else None)

@@ -6,11 +6,12 @@ import threading
 
 import pytest
 import torch
+import torch.nn as nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import convert_hf
 from conftest import perturb_
-from generate import LLM, Engine, Request, Sampling
+from generate import LLM, MIN_DECODE_ROWS, Engine, PackedLinear, Request, Sampling
 from test_generate import family_models
 
 PROMPTS = ["Once upon a time", "The capital of France is a city that", "Hi", "def f(x):\n    return x +",
@@ -75,6 +76,28 @@ def test_every_family_decodes_the_same_together_as_alone_and_alone_as_hf(family,
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompts[4]]), max_new_tokens=30, do_sample=False, eos_token_id=None)
     assert alone[4].generated == ref[0, len(prompts[4]):len(prompts[4]) + len(alone[4].generated)].tolist()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PackedLinear needs oneDNN")
+def test_packed_linear_rows_do_not_depend_on_the_batch():
+    # SmolLM2-135M's linear shapes (qkv, o, gate_up, down), random weights: each row of an M-row product is the same
+    # bits for every M from MIN_DECODE_ROWS to 24, on 1 and 2 threads, and within float error of nn.Linear.
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    try:
+        for n_in, n_out in [(576, 960), (576, 576), (576, 3072), (1536, 576)]:
+            linear = nn.Linear(n_in, n_out, bias=n_out == 960)
+            packed = PackedLinear(linear)
+            x = torch.randn(24, n_in)
+            with torch.no_grad():
+                torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
+                for t in {1, threads}:
+                    torch.set_num_threads(t)
+                    full = packed(x)
+                    for m in range(MIN_DECODE_ROWS, 24):
+                        assert torch.equal(packed(x[:m]), full[:m]), (n_in, n_out, m, t)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("family", ["llama", *family_models()])

@@ -35,7 +35,8 @@ What cannot be made the same:
   qkv and gate_up projections with one LoRA each (4.06M parameters) where LitGPT has one A per q, k, v and separate
   gate and up LoRAs (4.88M).
 - Both compute the loss on the response tokens only (LitGPT's mask_prompt) of the same Alpaca prompt; LitGPT computes
-  it on the logits in chunks (its lm_head_chunk_size=128), FlatLM in one piece.
+  the logits of every token in chunks of 128 (its lm_head_chunk_size), FlatLM only those of the tokens with a target,
+  in chunks of train.LOSS_ROWS rows whose gradients are taken as the loss is (train.ChunkedCrossEntropy).
 """
 
 import argparse

@@ -64,9 +64,14 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b)
 
     def forward(self, x):
-        # x: (..., in) -> (..., out). The low-rank path runs in x's dtype: (x A^T) is (..., r), then B^T.
+        # x: (..., in) -> (..., out). The low-rank path runs in x's dtype: (x A^T) is (rows, r), then B^T.
         a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
-        return self.base(x) + F.linear(F.linear(self.dropout(x), a), b) * self.scale
+        y = self.base(x)                                                   # (..., out)
+        x_a = F.linear(self.dropout(x) if self.dropout.p else x, a)        # (..., r); Dropout(0) would copy x
+        # One addmm adds scale * (x A^T) B^T into the base's output as the matmul writes it: no (..., out)
+        # temporaries for the product, its scaling and the sum, in forward or backward.
+        out = torch.addmm(y.reshape(-1, self.out_features), x_a.reshape(-1, self.r), b.t(), alpha=self.scale)
+        return out.view(y.shape)
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}"

@@ -128,6 +128,12 @@ def check_transformer(m):
     with torch.no_grad():
         out = model(tokens())
     need(out.shape == (2, 12, c.vocab_size), m, "forward(idx (B, T)) -> logits (B, T, vocab_size)")
+    need(has_params(type(model).forward, "hidden") and callable(getattr(model, "output", None)), m,
+         "Transformer.forward(idx, hidden=True) and Transformer.output(h)")
+    with torch.no_grad():
+        h = model(tokens(), hidden=True)
+    need(h.shape == (2, 12, c.dim), m, "forward(idx, hidden=True) -> the final norm's output (B, T, dim)")
+    need(torch.equal(model.output(h), out), m, "output(forward(idx, hidden=True)) == forward(idx)")
 
 
 def check_blocks(m):

@@ -76,6 +76,55 @@ def test_lora_trains_only_adapters_and_exports(tiny_dir, tmp_path):
         assert (hf(idx).logits - models.load(out, device="cpu")(idx)).abs().max() < 1e-4
 
 
+# (family, method, Config fields): a tied head; LoRA on an untied head; Gemma 2's soft cap; Phi-2's head bias
+CHUNKED_LOSS_CASES = [("llama", "full", dict(tie_embeddings=True)), ("llama", "lora", dict(tie_embeddings=False)),
+                      ("gemma", "full", dict(final_softcap=3.0)), ("phi", "full", dict(bias=True, layer_norm=True))]
+
+
+@pytest.mark.parametrize("family, method, fields", CHUNKED_LOSS_CASES, ids=lambda c: c if isinstance(c, str) else "")
+def test_chunked_loss_equals_plain_cross_entropy_and_its_gradients(family, method, fields, monkeypatch):
+    # The oracle: F.cross_entropy over the whole micro-batch's logits, in fp32. Chunks of 5 rows: several chunks,
+    # the last one short, prompt tokens (-100) skipped.
+    monkeypatch.setattr(train, "LOSS_ROWS", 5)
+    torch.manual_seed(0)
+    m = models.module(family)
+    model = m.Transformer(m.Config(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, dim=32, intermediate_size=48,
+                                   max_seq_len=64, **fields))
+    if method == "lora":
+        finetune_lora.apply_lora(model, r=4, head=True)
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                torch.nn.init.normal_(p)                   # B off zero: the update takes part
+    x, y = torch.randint(0, 96, (3, 9)), torch.randint(0, 96, (3, 9))
+    y[:, :3] = -100
+    y[1, 7] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+    recipe, env = recipe_lib.build(recipe_lib.Recipe, {"precision": "32-true"}), train.Env()
+
+    expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100,
+                                                 reduction="sum")
+    expected_grads = torch.autograd.grad(expected / 7, params)         # the step's scale reaches every gradient
+    loss = train.loss_sum(model, x, y, recipe, env)
+    grads = torch.autograd.grad(loss / 7, params)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for g, e in zip(grads, expected_grads):                            # fp32 rounding, summed in another order
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+    with torch.no_grad():                                              # validation: the loss alone
+        assert train.loss_sum(model, x, y, recipe, env).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_chunked_loss_of_prompt_tokens_only_gives_zero_head_gradients():
+    # The plain loss's gradients when no token has a target: zeros, not None (FSDP reduces the same set everywhere).
+    m = models.module("llama")
+    model = m.Transformer(m.Config(vocab_size=96, n_layer=1, n_head=4, n_kv_head=2, dim=32, intermediate_size=48,
+                                   max_seq_len=64, tie_embeddings=False))
+    recipe, env = recipe_lib.build(recipe_lib.Recipe, {"precision": "32-true"}), train.Env()
+    loss = train.loss_sum(model, torch.randint(0, 96, (2, 5)), torch.full((2, 5), -100), recipe, env)
+    loss.backward()
+    assert loss.item() == 0
+    assert torch.equal(model.lm_head.weight.grad, torch.zeros_like(model.lm_head.weight))
+
+
 def test_qlora_runs_on_cpu(tiny_dir, tmp_path):
     out = tiny_lora(tiny_dir, tmp_path, "method=qlora", "max_steps=3", "optimizer.lr=1e-2")
     loss = losses(tmp_path)

@@ -331,8 +331,10 @@ def build_optimizer(model, recipe: Recipe, env: Env):
     no_decay = [p for p in params if p.dim() < 2]
     o = recipe.optimizer
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel per parameter group for the whole update (CUDA, and the CPU since torch 2.4), instead of
+    # a dozen foreach passes over the parameters and their moments.
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                             fused=env.device.type == "cuda" or None)
+                             fused=env.device.type in ("cuda", "cpu") or None)
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -356,11 +358,70 @@ def autocast(recipe: Recipe, env: Env):
     return nullcontext()
 
 
+# The loss. Over SmolLM2's 49152-token vocabulary, a micro-batch of 4 x 128 tokens has 100 MB of fp32 logits, and
+# plain autograd keeps three such tensors alive (the logits, the log-softmax it saves, their gradient). So the model
+# stops at its final hidden states (forward(idx, hidden=True)) and the head and the cross-entropy run here, LOSS_ROWS
+# rows at a time, on the rows that have a target only (a prompt token's logits would be thrown away). Each chunk's
+# gradients are taken at once, in the forward pass, and its logits freed: what backward needs is only the gradient
+# of the hidden states and of the head's trainable parameters, which ChunkedCrossEntropy keeps.
+
+LOSS_ROWS = 256                     # 256 x 49152 fp32 logits: 50 MB per chunk
+
+
+def chunk_loss(output, h, y):
+    """Summed cross-entropy of the logits output(h) (rows, vocab), in fp32, against the targets y (rows,)."""
+    return F.cross_entropy(output(h).float(), y, ignore_index=datalib.IGNORE, reduction="sum")
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(output(h[rows]), targets[rows]), with the gradient of h (rows, C) and of
+    params (the trainable parameters that output uses) computed chunk by chunk while the loss is."""
+
+    @staticmethod
+    def forward(ctx, h, targets, output, *params):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_params = [None] * len(params)
+        for start in range(0, h.size(0), LOSS_ROWS):
+            rows = slice(start, start + LOSS_ROWS)
+            with torch.enable_grad():                     # autograd is off inside a Function's forward
+                h_rows = h[rows].detach().requires_grad_()
+                loss = chunk_loss(output, h_rows, targets[rows])
+            grads = torch.autograd.grad(loss, [h_rows, *params])
+            grad_h[rows] = grads[0]
+            for i, g in enumerate(grads[1:]):
+                grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+            total += loss.detach()
+        # No target rows (a micro-batch of prompts only): zero gradients, as the plain loss gives. Every process must
+        # hand FSDP a gradient for the same parameters, or its reduce-scatters would not match.
+        grad_params = [torch.zeros_like(p) if g is None else g for g, p in zip(grad_params, params)]
+        # Kept as attributes, not save_for_backward: they are our own tensors, and backward scales them in place.
+        ctx.grads = grad_h, grad_params
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        # The loss is a sum: every gradient taken above scales by the incoming gradient (1 / n_targets, ...).
+        grad_h, grad_params = ctx.grads
+        del ctx.grads                                     # backward runs once: free them with the graph's buffers
+        return grad_h.mul_(grad_total), None, None, *(g.mul_(grad_total) for g in grad_params)
+
+
 def loss_sum(model, x, y, recipe, env):
     """Summed cross-entropy over the target tokens (y == -100 is ignored)."""
     with autocast(recipe, env):
-        logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=datalib.IGNORE, reduction="sum")
+        h = model(x, hidden=True).flatten(0, 1)                      # (B * T, C), before the head
+        y = y.flatten()
+        if not env.xla:                                              # (XLA wants static shapes: it keeps every row)
+            keep = (y != datalib.IGNORE).nonzero().squeeze(1)
+            h, y = h[keep], y[keep]
+        output = model.output
+        if not torch.is_grad_enabled():                              # validation: the loss alone, chunk by chunk
+            chunks = range(0, len(y), LOSS_ROWS)
+            return sum((chunk_loss(output, h[i:i + LOSS_ROWS], y[i:i + LOSS_ROWS]) for i in chunks),
+                       torch.zeros((), device=h.device))
+        params = [p for p in model.lm_head.parameters() if p.requires_grad]
+        return ChunkedCrossEntropy.apply(h, y, output, *params)
 
 
 def train_step(model, optimizer, scaler, batches, recipe: Recipe, env: Env) -> tuple[float, int]:

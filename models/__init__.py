@@ -41,6 +41,10 @@ Transformer(config), an nn.Module built on the current device (`with torch.devic
                                position are masked, so a slot is reused without clearing
                      cache_rows slice(start, stop): the cache rows of these B rows, a view; None: rows 0..B-1
                      A row's logits do not depend on what the other rows hold.
+                     hidden=True: the final norm's output (B, T, dim) instead of the logits
+  .output(h) -> logits (..., vocab_size) of final hidden states h (..., dim): lm_head and whatever follows it
+                     (Gemma 2's soft cap); output(forward(idx, hidden=True)) == forward(idx). train.py's loss
+                     applies it a chunk of rows at a time
   .setup_cache(batch_size, max_seq_len, device=None, dtype=None)   gives every block's attn a KV cache of
                      batch_size rows (.kv_cache.k and .v: (batch_size, n_kv_head, max_seq_len, head_dim));
                      a ValueError past config.max_seq_len

@@ -496,11 +496,12 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attn.kv_cache = None
 
-    def forward(self, idx, input_pos=None, cache_rows=None):
+    def forward(self, idx, input_pos=None, cache_rows=None, hidden=False):
         # idx: (B, T) token ids. input_pos: None for a plain causal forward over positions 0..T-1 without the cache
         # (training, scoring); (T,), the positions of these tokens in the KV cache, the same for every row; or
         # (B, T), each row at positions of its own (batched serving, below). cache_rows: the cache rows these B
-        # rows use, a slice(start, start + B); None means rows 0..B-1.
+        # rows use, a slice(start, start + B); None means rows 0..B-1. hidden: return the final norm's output
+        # (B, T, C), to which output() applies the head, instead of the logits.
         B, T = idx.shape
         c = self.config
         x = self.tok_embeddings(idx)                                       # (B, T, C)
@@ -529,10 +530,15 @@ class Transformer(nn.Module):
                 per_type[layer_type] = (cos, sin, mask)
         for block in self.layers:
             x = block(x, *per_type[block.layer_type], input_pos, cache_rows)
-        logits = self.lm_head(self.norm(x))                                # (B, T, vocab)
-        if c.final_softcap is not None:
-            logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
-        return logits
+        x = self.norm(x)                                                   # (B, T, C)
+        return x if hidden else self.output(x)                             # (B, T, vocab)
+
+    def output(self, x):
+        # The final hidden states (..., C) -> logits (..., vocab). train.py's loss calls it on a few rows at a time
+        # (forward(idx, hidden=True), then output), so the whole batch's logits never exist at once.
+        logits = self.lm_head(x)
+        cap = self.config.final_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)  # Gemma 2's soft cap
 
 
 def sliding_causal_mask(q_pos, kv_pos, window: int | None, dtype):

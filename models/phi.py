@@ -515,11 +515,12 @@ class Transformer(nn.Module):
             block.attn.kv_cache = None
         self.cache_tokens = None
 
-    def forward(self, idx, input_pos=None, cache_rows=None):
+    def forward(self, idx, input_pos=None, cache_rows=None, hidden=False):
         # idx: (B, T) token ids. input_pos: None for a plain causal forward over positions 0..T-1 without the cache
         # (training, scoring); (T,), the positions of these tokens in the KV cache, the same for every row; or
         # (B, T), each row at positions of its own (batched serving, below). cache_rows: the cache rows these B
-        # rows use, a slice(start, start + B); None means rows 0..B-1.
+        # rows use, a slice(start, start + B); None means rows 0..B-1. hidden: return the final norm's output
+        # (B, T, C), to which output() applies the head, instead of the logits.
         B, T = idx.shape
         x = self.tok_embeddings(idx)                                       # (B, T, C)
         window = self.config.sliding_window
@@ -549,7 +550,13 @@ class Transformer(nn.Module):
                 cos, sin, mask = cos[:, None], sin[:, None], mask[:, None]  # (B, 1, T, R) x 2, (B, 1, T, S)
         for block in self.layers:
             x = block(x, cos, sin, mask, input_pos, cache_rows)
-        return self.lm_head(self.norm(x))                                  # (B, T, vocab)
+        x = self.norm(x)                                                   # (B, T, C)
+        return x if hidden else self.output(x)                             # (B, T, vocab)
+
+    def output(self, x):
+        # The final hidden states (..., C) -> logits (..., vocab). train.py's loss calls it on a few rows at a time
+        # (forward(idx, hidden=True), then output), so the whole batch's logits never exist at once.
+        return self.lm_head(x)
 
     def _reprefill_rows_crossing(self, idx, input_pos, rows: slice, original: int):
         """Record this call's tokens in their cache rows. Then, as HF's generate(): for each row whose call is the

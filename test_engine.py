@@ -123,8 +123,10 @@ def test_explicit_attention_equals_sdpa_in_every_family(family, smollm2_hf_dir, 
 
 
 @pytest.mark.slow
-def test_smollm2_concurrent_greedy_equals_alone(smollm2_dir):
-    llm = LLM.load(smollm2_dir, device="cpu", dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_smollm2_concurrent_greedy_equals_alone(smollm2_dir, dtype):
+    # bf16: nn.Linear's matmul, or PackedLinear where the CPU has bf16 instructions (the same bits)
+    llm = LLM.load(smollm2_dir, device="cpu", dtype=dtype)
     chats = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
              "Translate 'good morning' to Spanish."]
     prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": c}]) for c in chats]

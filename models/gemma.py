@@ -348,11 +348,11 @@ class KVCache(nn.Module):
 # H/K; SDPA's enable_gqa broadcasts each key/value head over its group without copying it. One fused matmul makes
 # q, k and v. Scores are scaled by query_pre_attn_scalar ** -0.5 (head_dim ** -0.5 but in Gemma 2 / 3 27B).
 # Soft-capping (Gemma 2) bends the scores through cap * tanh(scores / cap) before the softmax, which SDPA cannot
-# do: those models take the explicit path below, the others the fused kernel (but in the engine's decode).
+# do: those models take the explicit path below, the others the fused kernel (but in generate.py's CPU decoding).
 
 
 class Attention(nn.Module):
-    use_sdpa = True     # False: the explicit path for every layer (generate.py's engine decodes so)
+    use_sdpa = True     # False: the explicit path for every layer (generate.py decodes so on a CPU)
 
     def __init__(self, config: Config):
         super().__init__()

@@ -273,7 +273,8 @@ class KVCache(nn.Module):
 # Attention (Vaswani et al. 2017): each query takes a weighted mean of the values, weighted by how well it matches
 # each key: softmax(q k^T / sqrt(D) + mask) v, where the mask adds -inf wherever a query may not look (the future;
 # beyond a sliding window). explicit_attention spells that out; F.scaled_dot_product_attention (SDPA) computes the
-# same in one fused kernel that never holds the (T, S) score matrix, and is what runs.
+# same in one fused kernel that never holds the (T, S) score matrix, and is what runs (but in generate.py's CPU
+# decoding: for one query per sequence the explicit ops are faster there, and the engine needs their row-invariance).
 # Grouped-query attention (Ainslie et al. 2023): H query heads share K key/value heads in groups of H/K; SDPA's
 # enable_gqa broadcasts each key/value head over its group without copying it. One fused matmul makes q, k and v.
 
@@ -292,7 +293,7 @@ def explicit_attention(q, k, v, mask):
 
 
 class Attention(nn.Module):
-    use_sdpa = True                   # False: explicit_attention instead (the same numbers within 1e-5, slower)
+    use_sdpa = True                   # False: explicit_attention instead (the same numbers within 1e-5)
 
     def __init__(self, config: Config):
         super().__init__()

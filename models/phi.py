@@ -358,7 +358,7 @@ class KVCache(nn.Module):
 # H/K; SDPA's enable_gqa broadcasts each key/value head over its group without copying it. One fused matmul makes
 # q, k and v (Phi-3/4 checkpoints store it fused as qkv_proj; Phi-1.5/2 store q/k/v apart, fused on conversion).
 # explicit_attention spells out softmax(q k^T / sqrt(D) + mask) v with the query heads grouped by the key/value
-# head they read; SDPA computes the same in one fused kernel and is what runs, except in the engine's decode.
+# head they read; SDPA computes the same in one fused kernel and is what runs, except in generate.py's CPU decoding.
 
 
 def explicit_attention(q, k, v, mask):
@@ -375,7 +375,7 @@ def explicit_attention(q, k, v, mask):
 
 
 class Attention(nn.Module):
-    use_sdpa = True     # False: explicit_attention, the same numbers within 1e-5 (generate.py's engine decodes so)
+    use_sdpa = True     # False: explicit_attention, the same numbers within 1e-5 (generate.py decodes so on a CPU)
 
     def __init__(self, config: Config):
         super().__init__()

@@ -318,7 +318,7 @@ class KVCache(nn.Module):
 # q, k and v. Qwen3's QK-norm (as in Dehghani et al. 2023) RMS-normalises every head's q and k over D, with one
 # learned weight for all query heads and one for all key heads, which keeps the attention logits bounded.
 # explicit_attention spells out softmax(q k^T / sqrt(D) + mask) v with the query heads grouped by the key/value
-# head they read; SDPA computes the same in one fused kernel and is what runs, except in the engine's decode.
+# head they read; SDPA computes the same in one fused kernel and is what runs, except in generate.py's CPU decoding.
 
 
 def explicit_attention(q, k, v, mask):
@@ -335,7 +335,7 @@ def explicit_attention(q, k, v, mask):
 
 
 class Attention(nn.Module):
-    use_sdpa = True     # False: explicit_attention, the same numbers within 1e-5 (generate.py's engine decodes so)
+    use_sdpa = True     # False: explicit_attention, the same numbers within 1e-5 (generate.py decodes so on a CPU)
 
     def __init__(self, config: Config):
         super().__init__()

@@ -117,6 +117,38 @@ def decode_one_token_explicit(model, token: torch.Tensor, input_pos: torch.Tenso
         return decode_one_token(model, token, input_pos, s, generator)
 
 
+class CompiledBlocks:
+    """The compiled decode step on a CPU: decode_one_token_explicit with each block's forward compiled by
+    torch.compile for one token. Every layer runs the same Block code on tensors of the same shapes, so one graph
+    serves them all (two for Gemma's local and global layers) and compiling takes seconds: the whole step, unrolled
+    over 30 layers, takes about 30 s. Inductor fuses each block's small ops (norms, RoPE, the softmax, residual adds)
+    into a few C++ loops; the matmuls stay the eager kernels (PackedLinear's through its own operator, the int8 and
+    int4 ones). Prefill, and speculative decoding's verification, run eagerly: a graph per prompt length would cost
+    more than it saves. Measured on this project's 2-core AVX-512 EPYC, SmolLM2-135M (bench_generate.py), eager ->
+    compiled tokens/s: bf16 36.5 -> 42.7, int8 51.5 -> 60.9, int4 66.9 -> 83.2; fp32 no faster (its few small ops
+    are fast already). Compiling costs 3-8 s with inductor's on-disk cache warm, about 20 s cold: it pays off after
+    a thousand tokens or more, so it stays opt-in (--compile), for long generations and chat sessions."""
+
+    def __init__(self, model):
+        self.layers = model.layers
+        self.compiled = [torch.compile(block.forward, fullgraph=True, dynamic=False) for block in model.layers]
+
+    @contextmanager
+    def on(self):
+        """The blocks run their compiled forward inside (for one token per sequence: other shapes compile anew)."""
+        for block, forward in zip(self.layers, self.compiled):
+            block.forward = forward                 # an instance attribute, which nn.Module.__call__ runs
+        try:
+            yield
+        finally:
+            for block in self.layers:
+                del block.forward                   # the class's eager forward again
+
+    def __call__(self, model, token, input_pos, s, generator=None):
+        with self.on():
+            return decode_one_token_explicit(model, token, input_pos, s, generator)
+
+
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, s: Sampling, stop_ids=(),
                     generator=None, decode_fn=decode_one_token, stats=None):
     """Yield new token ids one by one until a stop id (not yielded) or max_new_tokens."""
@@ -432,7 +464,20 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
+
+
+# PackedLinear's matmul as an operator of our own, which torch.compile calls as it is: inductor's lowering of the
+# oneDNN op underneath wants the weight frozen into the graph as a constant, which a graph shared by every layer
+# (CompiledBlocks) cannot have.
+@torch.library.custom_op("flatlm::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed, bias):                          # the output's shape, for tracing: (..., in) -> (..., out)
+    return x.new_empty(*x.shape[:-1], packed.size(0))
 
 
 def pack_linears(model: nn.Module, dtype: torch.dtype):
@@ -835,15 +880,28 @@ class LLM:
         self.compiled = compile
         self.decode_fn = decode_one_token_explicit if self.device.type == "cpu" else decode_one_token
         if compile:
-            self.decode_fn = torch.compile(decode_one_token, fullgraph=True,
-                                           mode="reduce-overhead" if self.device.type == "cuda" else None)
-            self.setup_cache(1)                  # compile now, on a throwaway step at position 0, not in the stats
-            zero = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-            with torch.inference_mode():
-                for _ in range(2):
-                    self.decode_fn(model, zero, zero[0], Sampling())
+            if self.device.type == "cpu":
+                self.decode_fn = CompiledBlocks(model)
+            else:                                # the whole step, replayed as a CUDA graph
+                self.decode_fn = torch.compile(decode_one_token, fullgraph=True, mode="reduce-overhead")
+            self.warm_up()
         if self.device.type == "cpu" and torch.get_num_threads() > 1:
             self.decode_fn = ThreadTunedDecode(self.decode_fn)
+
+    @torch.inference_mode()
+    def warm_up(self):
+        # Compile now, on throwaway steps at position 0, not in the stats: on a CPU for both thread counts that
+        # ThreadTunedDecode may choose (a compiled graph is for one thread count).
+        self.setup_cache(1)
+        zero = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        threads = torch.get_num_threads()
+        try:
+            for n in sorted({threads, 1}) if self.device.type == "cpu" else [threads]:
+                torch.set_num_threads(n)
+                for _ in range(2):
+                    self.decode_fn(self.model, zero, zero[0], Sampling())
+        finally:
+            torch.set_num_threads(threads)
 
     @classmethod
     def load(cls, checkpoint_dir, device=None, dtype=None, quantize=None, compile=False, draft=None,
@@ -1046,7 +1104,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's dtype")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (worth it on GPUs; on small CPUs eager decoding is faster)")
+                   help="torch.compile the decode step: on a GPU the whole step, as a CUDA graph; on a CPU each block "
+                   "(seconds to compile, 1.15-1.25x faster in bf16, int8 and int4: worth it for long generations)")
     p.add_argument("--draft", metavar="DIR", help="speculative decoding: a smaller checkpoint with the same "
                    "tokenizer guesses --speculate_k tokens, the model checks them in one pass")
     p.add_argument("--draft_quantize", choices=QUANTIZE_MODES, help="quantize the draft model")

@@ -1,6 +1,7 @@
 """generate.py: greedy text identical to HF transformers' generate on the real SmolLM2-135M-Instruct, quantized
 generation close to it, sampling controls, EOS, streaming, the CLI and its errors."""
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoModelForCausalLM
 
+import models
 from generate import LLM, Sampling, generate_tokens, sample
 
 ROOT = Path(__file__).parent
@@ -136,6 +138,48 @@ def test_thread_tuned_decode_runs_on_the_faster_thread_count_and_probes_the_othe
     for _ in range(ThreadTunedDecode.PROBE_EVERY + 2):
         tuned()
     assert seen[-2:] == [2, 2]
+
+
+@pytest.mark.parametrize("family", ["gemma2"])      # local and global layers, soft-caps: the most going on
+def test_compiled_cpu_decoding_is_as_accurate_as_eager(family, tmp_path):
+    # CompiledBlocks (one graph shared by the blocks, here two: local and global), in bf16 (PackedLinear's
+    # operator kept out of inductor where the CPU has bf16 instructions) and int8: teacher-forced decode logits along
+    # fp32's greedy continuation are as close to fp32's as eager decoding's are (inductor rounds bf16 at other
+    # points, so not the same bits). LLM(compile=True) decodes through it, compiled for one and two threads.
+    import convert_hf
+    import generate
+    from conftest import perturb_
+    torch.manual_seed(0)
+    hf = perturb_(family_models()[family]().eval(), scale=0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    convert_hf.hf_to_native(tmp_path / "hf", tmp_path / "native")
+    ids = list(range(5, 17))
+
+    def decode_logits(model, tokens, compiled=None):
+        model.setup_cache(1, 64)
+        with torch.inference_mode(), generate.explicit_attention(model):
+            model(torch.tensor([ids]), torch.arange(len(ids)))
+            out = []
+            for i, token in enumerate(tokens):
+                with compiled.on() if compiled else contextlib.nullcontext():
+                    out.append(model(torch.tensor([[token]]), torch.tensor([len(ids) + i]))[0, -1].float())
+        return torch.stack(out)
+
+    fp32 = generate.prepare_for_inference(models.load(tmp_path / "native", device="cpu"))
+    greedy = LLM(fp32, None)
+    greedy.setup_cache(len(ids) + 20)
+    with torch.inference_mode():
+        tokens = list(generate_tokens(fp32, ids, 20, Sampling(), (), None, greedy.decode_fn))
+    reference = decode_logits(fp32, tokens)
+    for dtype, quantize in [(torch.bfloat16, None), (torch.float32, "int8")]:
+        model = generate.prepare_for_inference(models.load(tmp_path / "native", device="cpu", dtype=dtype), quantize)
+        llm = LLM(model, None, compile=True)
+        compiled = getattr(llm.decode_fn, "decode_fn", llm.decode_fn)
+        assert isinstance(compiled, generate.CompiledBlocks)
+        eager_error = (decode_logits(model, tokens) - reference).abs().max()
+        compiled_error = (decode_logits(model, tokens, compiled) - reference).abs().max()
+        assert compiled_error <= 1.5 * eager_error, (dtype, quantize, compiled_error, eager_error)
+        assert not any("forward" in vars(block) for block in model.layers)     # the eager forward is back
 
 
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():

@@ -129,9 +129,14 @@ class CompiledBlocks:
     are fast already). Compiling costs 3-8 s with inductor's on-disk cache warm, about 20 s cold: it pays off after
     a thousand tokens or more, so it stays opt-in (--compile), for long generations and chat sessions."""
 
+    # Graphs of one Block code: per cache length (LLM.setup_cache's, up to 6 for an 8k context), thread count
+    # (2) and kind of layer (Gemma's 2). Past dynamo's default limit of 8, fullgraph=True would raise.
+    RECOMPILE_LIMIT = 64
+
     def __init__(self, model):
         self.layers = model.layers
         self.compiled = [torch.compile(block.forward, fullgraph=True, dynamic=False) for block in model.layers]
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
 
     @contextmanager
     def on(self):
@@ -642,6 +647,14 @@ class Sequence:
         return Update(text, tokens, finish_reason)
 
 
+def bucketed_cache_length(need: int, context: int) -> int:
+    """The KV cache length for `need` positions: CACHE_BUCKET times a power of two, capped at the context."""
+    length = CACHE_BUCKET
+    while length < need:
+        length *= 2
+    return min(length, context)
+
+
 def count_while(items, keep) -> int:
     n = 0
     while n < len(items) and keep(items[n]):
@@ -779,10 +792,7 @@ class Engine:
             self.running.append(seq)
 
     def resize_cache(self, need: int):
-        length = CACHE_BUCKET
-        while length < need:
-            length *= 2
-        self.cache_len = min(length, self.context)
+        self.cache_len = bucketed_cache_length(need, self.context)
         self.model.setup_cache(len(self.slots), self.cache_len, self.device)
         self.cache = self.model.layers[0].attn.kv_cache
 
@@ -1001,8 +1011,13 @@ class LLM:
             yield rest
 
     def setup_cache(self, length: int):
-        # Round up so that prompts of similar length reuse one cache (and one compiled graph).
-        length = min(-(-length // 256) * 256, self.model.config.max_seq_len)
+        # Round up so that prompts of similar length reuse one cache. Compiled, each cache length is a graph of its
+        # own (per thread count on a CPU): lengths CACHE_BUCKET times a power of two keep them few.
+        context = self.model.config.max_seq_len
+        if self.compiled:
+            length = bucketed_cache_length(length, context)
+        else:
+            length = min(-(-length // CACHE_BUCKET) * CACHE_BUCKET, context)
         cache = self.model.layers[0].attn.kv_cache
         if cache is None or cache.k.size(0) != 1 or cache.k.size(2) < length:   # (the engine's has many rows)
             self.model.setup_cache(1, length, self.device)

@@ -125,6 +125,46 @@ def test_chunked_loss_of_prompt_tokens_only_gives_zero_head_gradients():
     assert torch.equal(model.lm_head.weight.grad, torch.zeros_like(model.lm_head.weight))
 
 
+@pytest.mark.parametrize("bias, frozen", [(False, False), (True, False), (False, True)])
+def test_onednn_linear_gives_nn_linear_outputs_and_gradients(bias, frozen):
+    # The oracle: the same nn.Linear called plainly. 3-D input (rows = B * T), a bias, a frozen weight (LoRA's base).
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80, bias=bias).requires_grad_(not frozen)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    grad_y = torch.randn(3, 7, 80)
+    params = [x] + [p for p in linear.parameters() if p.requires_grad]
+    expected = linear(x)
+    expected_grads = torch.autograd.grad(expected, params, grad_y)
+    train.use_onednn_linears(linear)
+    y = linear(x)
+    assert y.grad_fn.name() == "OneDNNLinearBackward"                 # it ran the oneDNN path
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(torch.autograd.grad(y, params, grad_y), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):                  # bf16-mixed: autocast's bf16 F.linear
+        assert linear(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family, fields", [("llama", dict(tie_embeddings=True)), ("qwen", dict(qkv_bias=True))])
+def test_a_model_on_onednn_linears_trains_as_on_nn_linear(family, fields):
+    # A whole step's loss and every gradient (tied head and embedding; q/k/v biases) against the plain model's.
+    torch.manual_seed(0)
+    m = models.module(family)
+    config = m.Config(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, dim=32, intermediate_size=48, max_seq_len=64,
+                      **fields)
+    plain, model = m.Transformer(config), m.Transformer(config)
+    model.load_state_dict(plain.state_dict())
+    train.use_onednn_linears(model)
+    x, y = torch.randint(0, 96, (3, 9)), torch.randint(0, 96, (3, 9))
+    recipe, env = recipe_lib.build(recipe_lib.Recipe, {"precision": "32-true"}), train.Env()
+    expected = train.loss_sum(plain, x, y, recipe, env)
+    expected_grads = torch.autograd.grad(expected / 27, list(plain.parameters()))
+    loss = train.loss_sum(model, x, y, recipe, env)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for g, e in zip(torch.autograd.grad(loss / 27, list(model.parameters())), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
 def test_qlora_runs_on_cpu(tiny_dir, tmp_path):
     out = tiny_lora(tiny_dir, tmp_path, "method=qlora", "max_steps=3", "optimizer.lr=1e-2")
     loss = losses(tmp_path)

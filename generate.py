@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 import convert_hf
+import gemv
 import models
 from models import DTYPES, QUANTIZE_MODES
 from tokenizer import Tokenizer
@@ -501,7 +502,9 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.M
     """Quantize the model's linear layers (models.QUANTIZE_MODES), or on a CPU give them the faster layout."""
     if quantize:
         models.quantize(model, quantize)
-    elif model.tok_embeddings.weight.device.type == "cpu":
+    if model.tok_embeddings.weight.device.type != "cpu" or gemv.use_for_decoding(model):
+        return model
+    if not quantize:
         split_linears_for_cpu(model)
         if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             pack_linears(model, torch.bfloat16)

@@ -119,7 +119,9 @@ def test_explicit_attention_equals_sdpa_in_every_family(family, smollm2_hf_dir, 
         monkeypatch.setattr(type(model.layers[0].attn), "use_sdpa", False)
         explicit = run()
     for e, f in zip(explicit, fused):
-        torch.testing.assert_close(e, f, atol=1e-4, rtol=0)
+        # Rounding differences of 1e-7 grow along the 40 cached steps of these perturbed models, whose logits reach
+        # about 26: within 1e-5 of the largest logit. A wrong mask or scale would be off by whole units.
+        torch.testing.assert_close(e, f, atol=1e-5 * f.abs().max().item(), rtol=0)
 
 
 @pytest.mark.slow

@@ -1,0 +1,156 @@
+"""gemv.c's matrix-vector kernels for CPU decoding: compiled on first use, swapped in for the linear layers.
+
+    import gemv
+    gemv.use_for_decoding(model)    # generate.prepare_for_inference does this on a CPU
+
+The C file is compiled once per CPU and source (cc -O3 -march=native -fopenmp, about a second) into
+~/.cache/flatlm (FLATLM_CACHE elsewhere) and loaded with ctypes. Where it cannot be (no C compiler, a CPU without
+AVX2, FLATLM_GEMV=0) nothing is swapped and torch's kernels decode, as before.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# Up to this many rows (sequences decoding at once, speculative decoding's guesses) the kernels read W once for all
+# of them; more rows (a prompt) are a matrix product, for torch's kernels.
+MAX_ROWS = 16
+
+_library = None           # the loaded kernels; False once they turned out unavailable
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLATLM_CACHE", Path.home() / ".cache" / "flatlm"))
+
+
+def cpu_flags() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def build() -> Path:
+    """Compile gemv.c for this CPU (cached by source, flags and CPU); raises RuntimeError with the compiler's
+    message if it fails. Written under a temporary name and renamed: a parallel build never loads half a file."""
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, cpu_flags()]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"gemv-{key}.so"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        except OSError as e:
+            raise RuntimeError(f"no C compiler ({compiler}: {e.strerror})") from None
+        if result.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, path)
+    return path
+
+
+def library():
+    """The loaded kernels, or None where they are unavailable (said once on stderr, unless switched off)."""
+    global _library
+    if _library is None:
+        _library = False
+        if os.environ.get("FLATLM_GEMV", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+            return None
+        if "avx2" not in cpu_flags() or "fma" not in cpu_flags():
+            return None
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except (RuntimeError, OSError) as e:
+            print(f"gemv: decoding with torch's kernels ({e})", file=sys.stderr)
+            return None
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.gemv_f32.argtypes = [p, p, p, i64, i64, i64, i32]
+        lib.gemv_bf16.argtypes = [p, p, p, i64, i64, i64, i32]
+        lib.gemv_int8.argtypes = [p, p, p, p, i64, i64, i64, i32]
+        for f in (lib.gemv_f32, lib.gemv_bf16, lib.gemv_int8):
+            f.restype = None
+        _library = lib
+    return _library or None
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ weight.T -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16, or int8 with a bf16
+    scale (N,) per row. Computed in fp32."""
+    lib = library()
+    N, K = weight.shape
+    rows = x.reshape(-1, K).float().contiguous()                        # (M, K) fp32: a copy only for bf16 x
+    M = rows.size(0)
+    y = torch.empty(M, N, dtype=x.dtype)
+    bf16_out = int(x.dtype == torch.bfloat16)
+    if weight.dtype == torch.float32:
+        lib.gemv_f32(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, bf16_out)
+    elif weight.dtype == torch.bfloat16:
+        lib.gemv_bf16(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, bf16_out)
+    else:
+        lib.gemv_int8(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K, bf16_out)
+    return y.view(*x.shape[:-1], N)
+
+
+# gemv as an operator of torch's, which torch.compile calls as it is (CompiledBlocks): it cannot trace into ctypes.
+# Eager decoding calls gemv directly, without the operator's few microseconds of dispatch.
+@torch.library.custom_op("flatlm::gemv", mutates_args=())
+def gemv_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return gemv(x, weight, scale)
+
+
+@gemv_op.register_fake
+def _(x, weight, scale):                         # the output's shape, for tracing: (..., K) -> (..., N)
+    return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
+class GemvLinear(nn.Module):
+    """A linear layer (nn.Linear, or a model file's Int8Linear) that multiplies up to MAX_ROWS rows with gemv.c's
+    kernels and more rows with the layer itself. Inference only."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight = layer.weight.detach().contiguous()       # (N, K): row-major, as the kernels read it
+        self.scale = getattr(layer, "scale", None)
+        self.bias = None if layer.bias is None else layer.bias.detach()
+
+    def forward(self, x):
+        if x.numel() > MAX_ROWS * self.in_features or x.requires_grad:
+            return self.layer(x)
+        y = (gemv_op if torch.compiler.is_compiling() else gemv)(x, self.weight, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+def fits(layer: nn.Module) -> bool:
+    """A layer the kernels take: nn.Linear in fp32 or bf16 (even width), or an int8 layer with per-row scales."""
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.device.type != "cpu" or w.dim() != 2:
+        return False
+    if type(layer) is nn.Linear:
+        return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and w.size(1) % 2 == 0)
+    scale = getattr(layer, "scale", None)
+    return w.dtype == torch.int8 and isinstance(scale, torch.Tensor) and scale.shape == (w.size(0),) and \
+        scale.dtype == torch.bfloat16
+
+
+def use_for_decoding(model: nn.Module) -> bool:
+    """Swap every layer the kernels take for a GemvLinear wrapping it. False (and nothing swapped) where the kernels
+    are unavailable."""
+    if library() is None:
+        return False
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if fits(child):
+                setattr(parent, name, GemvLinear(child))
+    return True

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
+#include <math.h>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
 #error "these kernels need AVX2 and FMA (x86-64 since 2013); gemv.py falls back to torch's kernels"
@@ -44,8 +45,9 @@ static inline void store(void *y, int64_t i, float v, int bf16_out) {
     else ((float *)y)[i] = v;
 }
 
-/* x: (M, K) fp32; w: (N, K) fp32; y: (M, N) fp32 or bf16 */
-void gemv_f32(const float *x, const float *w, void *y, int64_t M, int64_t N, int64_t K, int bf16_out) {
+/* x: (M, K) fp32; w: (N, K) fp32; bias: (N,) fp32 or NULL; y: (M, N) fp32 or bf16 */
+void gemv_f32(const float *x, const float *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
+              int bf16_out) {
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const float *row = w + n * K;
@@ -61,16 +63,17 @@ void gemv_f32(const float *x, const float *w, void *y, int64_t M, int64_t N, int
             }
             float s = sum_acc(a0, a1, a2, a3);
             for (; k < K; k++) s += xm[k] * row[k];
-            store(y, m * N + n, s, bf16_out);
+            store(y, m * N + n, bias ? s + bias[n] : s, bf16_out);
         }
     }
 }
 
-/* x: (M, K) fp32; w: (N, K) bf16 with K even; y: (M, N) fp32 or bf16.
+/* x: (M, K) fp32; w: (N, K) bf16 with K even; bias: (N,) fp32 or NULL; y: (M, N) fp32 or bf16.
    W is read as 32-bit words, each a pair of bf16: the even element in the low half, the odd one in the high half.
    Widening the odd ones is a mask (the high half already is an fp32) and the even ones a shift: two instructions
    for 16 weights. So x is split once into its even and odd elements, to multiply them with. */
-void gemv_bf16(const float *x, const uint32_t *w, void *y, int64_t M, int64_t N, int64_t K, int bf16_out) {
+void gemv_bf16(const float *x, const uint32_t *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
+               int bf16_out) {
     const int64_t P = K / 2;                                 /* pairs per row */
     float *even = malloc(sizeof(float) * M * P), *odd = malloc(sizeof(float) * M * P);
     for (int64_t i = 0; i < M * P; i++) {
@@ -95,7 +98,7 @@ void gemv_bf16(const float *x, const uint32_t *w, void *y, int64_t M, int64_t N,
             }
             float s = sum_acc(a0, a1, a2, a3);
             for (; p < P; p++) s += e[p] * bf16_to_f32((uint16_t)row[p]) + o[p] * bf16_to_f32((uint16_t)(row[p] >> 16));
-            store(y, m * N + n, s, bf16_out);
+            store(y, m * N + n, bias ? s + bias[n] : s, bf16_out);
         }
     }
     free(even);
@@ -107,9 +110,9 @@ static inline __m256 int8x8(const int8_t *p) {          /* 8 int8 -> 8 fp32 */
 }
 
 /* x: (M, K) fp32; w: (N, K) int8 with a bf16 scale per row (models' Int8Linear: W ~ scale[n] * w[n, :]);
-   y: (M, N) fp32 or bf16 */
-void gemv_int8(const float *x, const int8_t *w, const uint16_t *scale, void *y, int64_t M, int64_t N, int64_t K,
-               int bf16_out) {
+   bias: (N,) fp32 or NULL; y: (M, N) fp32 or bf16 */
+void gemv_int8(const float *x, const int8_t *w, const uint16_t *scale, const float *bias, void *y, int64_t M, int64_t N,
+               int64_t K, int bf16_out) {
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;
@@ -125,7 +128,64 @@ void gemv_int8(const float *x, const int8_t *w, const uint16_t *scale, void *y, 
             }
             float s = sum_acc(a0, a1, a2, a3);
             for (; k < K; k++) s += xm[k] * row[k];
-            store(y, m * N + n, s * bf16_to_f32(scale[n]), bf16_out);
+            s *= bf16_to_f32(scale[n]);
+            store(y, m * N + n, bias ? s + bias[n] : s, bf16_out);
         }
+    }
+}
+
+/* Attention for one query per sequence, the decode step's: y = softmax(q k^T * scale + mask) v, per query head, over
+   its key/value head's S cached positions (grouped-query: query head h reads key/value head h / (H / K)).
+   q: (B, H, D); k, v: (B, K, S, D), fp32 or bf16 as q; mask: additive fp32, (S,) for every row (mask_rows 0) or
+   (B, S); softcap > 0: scores go through softcap * tanh(scores / softcap) before the mask (Gemma 2).
+   y: (B, H, D) in q's dtype. Computed in fp32; the same numbers whatever B and the thread count. */
+static inline __m256 load8(const void *p, int64_t i, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float load1(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+void attend_one(const void *q, const void *k, const void *v, const float *mask, int mask_rows, void *y,
+                int64_t B, int64_t H, int64_t K, int64_t S, int64_t D, float scale, float softcap, int bf16) {
+    const int64_t G = H / K;                                 /* query heads per key/value head */
+    #pragma omp parallel for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H;
+        const int64_t kv = (b * K + h / G) * S * D;          /* this head's keys and values start here */
+        const float *m = mask + (mask_rows ? b * S : 0);
+        float *scores = malloc(sizeof(float) * S), *out = malloc(sizeof(float) * D), top = -INFINITY;
+        for (int64_t s = 0; s < S; s++) {                    /* scores, and the largest */
+            __m256 acc = _mm256_setzero_ps();
+            int64_t d = 0;
+            for (; d + 8 <= D; d += 8)
+                acc = _mm256_fmadd_ps(load8(q, bh * D + d, bf16), load8(k, kv + s * D + d, bf16), acc);
+            float dot = sum8(acc);
+            for (; d < D; d++) dot += load1(q, bh * D + d, bf16) * load1(k, kv + s * D + d, bf16);
+            dot *= scale;
+            if (softcap > 0) dot = softcap * tanhf(dot / softcap);
+            scores[s] = dot + m[s];
+            if (scores[s] > top) top = scores[s];
+        }
+        float total = 0;
+        for (int64_t d = 0; d < D; d++) out[d] = 0;
+        for (int64_t s = 0; s < S && top > -INFINITY; s++) {  /* (every position masked: zeros, not NaN) */
+            float p = expf(scores[s] - top);                  /* softmax's numerator; masked positions give 0 */
+            if (p == 0) continue;
+            total += p;
+            __m256 pv = _mm256_set1_ps(p);
+            int64_t d = 0;
+            for (; d + 8 <= D; d += 8) {
+                __m256 sum = _mm256_fmadd_ps(pv, load8(v, kv + s * D + d, bf16), _mm256_loadu_ps(out + d));
+                _mm256_storeu_ps(out + d, sum);
+            }
+            for (; d < D; d++) out[d] += p * load1(v, kv + s * D + d, bf16);
+        }
+        for (int64_t d = 0; d < D; d++) store(y, bh * D + d, total > 0 ? out[d] / total : 0, bf16);
+        free(scores);
+        free(out);
     }
 }

@@ -49,7 +49,8 @@ def build() -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True,
+                                    text=True)
         except OSError as e:
             raise RuntimeError(f"no C compiler ({compiler}: {e.strerror})") from None
         if result.returncode != 0:
@@ -74,43 +75,71 @@ def library():
             print(f"gemv: decoding with torch's kernels ({e})", file=sys.stderr)
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.gemv_f32.argtypes = [p, p, p, i64, i64, i64, i32]
-        lib.gemv_bf16.argtypes = [p, p, p, i64, i64, i64, i32]
-        lib.gemv_int8.argtypes = [p, p, p, p, i64, i64, i64, i32]
-        for f in (lib.gemv_f32, lib.gemv_bf16, lib.gemv_int8):
+        lib.gemv_f32.argtypes = [p, p, p, p, i64, i64, i64, i32]
+        lib.gemv_bf16.argtypes = [p, p, p, p, i64, i64, i64, i32]
+        lib.gemv_int8.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+        f32 = ctypes.c_float
+        lib.attend_one.argtypes = [p, p, p, p, i32, p, i64, i64, i64, i64, i64, f32, f32, i32]
+        for f in (lib.gemv_f32, lib.gemv_bf16, lib.gemv_int8, lib.attend_one):
             f.restype = None
         _library = lib
     return _library or None
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ weight.T -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16, or int8 with a bf16
-    scale (N,) per row. Computed in fp32."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ weight.T + bias -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16, or int8 with a
+    bf16 scale (N,) per row; bias (N,) fp32 or None. Computed in fp32, rounded once."""
     lib = library()
     N, K = weight.shape
     rows = x.reshape(-1, K).float().contiguous()                        # (M, K) fp32: a copy only for bf16 x
     M = rows.size(0)
     y = torch.empty(M, N, dtype=x.dtype)
-    bf16_out = int(x.dtype == torch.bfloat16)
+    b, bf16_out = None if bias is None else bias.data_ptr(), int(x.dtype == torch.bfloat16)
     if weight.dtype == torch.float32:
-        lib.gemv_f32(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, bf16_out)
+        lib.gemv_f32(rows.data_ptr(), weight.data_ptr(), b, y.data_ptr(), M, N, K, bf16_out)
     elif weight.dtype == torch.bfloat16:
-        lib.gemv_bf16(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, bf16_out)
+        lib.gemv_bf16(rows.data_ptr(), weight.data_ptr(), b, y.data_ptr(), M, N, K, bf16_out)
     else:
-        lib.gemv_int8(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K, bf16_out)
+        lib.gemv_int8(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), b, y.data_ptr(), M, N, K, bf16_out)
     return y.view(*x.shape[:-1], N)
 
 
-# gemv as an operator of torch's, which torch.compile calls as it is (CompiledBlocks): it cannot trace into ctypes.
-# Eager decoding calls gemv directly, without the operator's few microseconds of dispatch.
-@torch.library.custom_op("flatlm::gemv", mutates_args=())
-def gemv_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    return gemv(x, weight, scale)
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+               softcap: float | None = None) -> torch.Tensor:
+    """A model file's attention for one query per sequence, the decode step's: q (B, H, 1, D); k, v (B, K, S, D),
+    fp32 or bf16 (the KV cache's rows); mask additive, broadcasting to (B, 1, 1, S), or None (S == 1) -> (B, H, 1, D).
+    Computed in fp32 (the model files' explicit path multiplies in q's dtype)."""
+    B, H, _, D = q.shape
+    K, S = k.size(1), k.size(2)
+    if not (k.is_contiguous() and v.is_contiguous()):         # (a cache's rows always are)
+        k, v = k.contiguous(), v.contiguous()
+    q = q.contiguous()
+    mask = torch.zeros(1, S) if mask is None else mask.float().reshape(-1, S).contiguous()   # (1, S) or (B, S)
+    y = torch.empty_like(q)
+    library().attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), int(mask.size(0) > 1),
+                         y.data_ptr(), B, H, K, S, D, scale, softcap or 0.0, int(q.dtype == torch.bfloat16))
+    return y
 
 
-@gemv_op.register_fake
-def _(x, weight, scale):                         # the output's shape, for tracing: (..., K) -> (..., N)
-    return x.new_empty(*x.shape[:-1], weight.size(0))
+# gemv and attend_one as operators of torch's, which torch.compile calls as they are (CompiledBlocks): it cannot
+# trace into ctypes. Defined with torch.library.Library rather than the custom_op decorator: a call costs about 2 us
+# over the function's own instead of 20, and a decode step makes about 150 of them. Eager decoding calls the
+# functions directly.
+_operators = torch.library.Library("flatlm", "FRAGMENT")
+_operators.define("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor")
+_operators.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float? softcap) -> Tensor")
+_operators.impl("gemv", gemv, "CPU")
+_operators.impl("attend_one", attend_one, "CPU")
+torch.library.register_fake("flatlm::gemv", lambda x, weight, scale, bias: x.new_empty(*x.shape[:-1], len(weight)))
+torch.library.register_fake("flatlm::attend_one", lambda q, k, v, mask, scale, softcap: torch.empty_like(q))
+
+
+def decode_attention(q, k, v, mask, scale, softcap=None):
+    """attend_one, through its operator when torch.compile traces it: what generate.py sets as the model files'
+    Attention.decode_attention."""
+    attend = torch.ops.flatlm.attend_one if torch.compiler.is_compiling() else attend_one
+    return attend(q, k, v, mask, scale, softcap)
 
 
 class GemvLinear(nn.Module):
@@ -123,13 +152,13 @@ class GemvLinear(nn.Module):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.weight = layer.weight.detach().contiguous()       # (N, K): row-major, as the kernels read it
         self.scale = getattr(layer, "scale", None)
-        self.bias = None if layer.bias is None else layer.bias.detach()
+        self.bias = None if layer.bias is None else layer.bias.detach().float()    # added in fp32, then rounded
 
     def forward(self, x):
         if x.numel() > MAX_ROWS * self.in_features or x.requires_grad:
             return self.layer(x)
-        y = (gemv_op if torch.compiler.is_compiling() else gemv)(x, self.weight, self.scale)
-        return y if self.bias is None else y + self.bias
+        multiply = torch.ops.flatlm.gemv if torch.compiler.is_compiling() else gemv
+        return multiply(x, self.weight, self.scale, self.bias)
 
 
 def fits(layer: nn.Module) -> bool:

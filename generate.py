@@ -98,18 +98,22 @@ def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, s: Sam
 @contextmanager
 def explicit_attention(model):
     """Every attention layer of model on the model file's explicit path (Attention.use_sdpa = False) inside the
-    block. For one query per sequence on a CPU, its three small ops beat torch's SDPA kernel, which is made for long
-    blocks of queries: SmolLM2-135M's layer, 256 cached positions, one thread, 60 against 330 us in bf16 (SDPA
-    converts its blocks to fp32 and back) and about even in fp32. The engine also needs it to be row-invariant."""
+    block, and, where gemv.c compiled, one query per sequence through its kernel (Attention.decode_attention). For
+    one query per sequence on a CPU, torch's SDPA kernel, made for long blocks of queries, is slow: SmolLM2-135M's
+    layer, 256 cached positions, one thread, 330 us in bf16 (it converts its blocks to fp32 and back) on an AVX-512
+    EPYC; the explicit path's three small ops 60 us there, but 280 us on an AVX2 one (torch has no fast bf16 matmul
+    for it); gemv.attend_one, one call computing in fp32, about 25 us on either. The engine also needs the
+    row-invariance of the last two."""
     layers = [block.attn for block in model.layers if hasattr(block.attn, "use_sdpa")]
-    saved = [attn.use_sdpa for attn in layers]
+    saved = [(attn.use_sdpa, attn.decode_attention) for attn in layers]
+    kernel = gemv.decode_attention if model.tok_embeddings.weight.device.type == "cpu" and gemv.library() else None
     for attn in layers:
-        attn.use_sdpa = False
+        attn.use_sdpa, attn.decode_attention = False, kernel
     try:
         yield
     finally:
-        for attn, use in zip(layers, saved):
-            attn.use_sdpa = use
+        for attn, (use, decode) in zip(layers, saved):
+            attn.use_sdpa, attn.decode_attention = use, decode
 
 
 def decode_one_token_explicit(model, token: torch.Tensor, input_pos: torch.Tensor, s: Sampling, generator=None):

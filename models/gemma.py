@@ -353,6 +353,7 @@ class KVCache(nn.Module):
 
 class Attention(nn.Module):
     use_sdpa = True     # False: the explicit path for every layer (generate.py decodes so on a CPU)
+    decode_attention = None   # generate.py's CPU decoding: a kernel for one query per sequence
 
     def __init__(self, config: Config):
         super().__init__()
@@ -385,7 +386,9 @@ class Attention(nn.Module):
             rows = slice(0, B) if cache_rows is None else cache_rows
             k, v = self.kv_cache.update(input_pos, k, v, rows)             # (B, K, S, D)
         cap = self.config.attn_softcap
-        if self.use_sdpa and cap is None and mask is None:                 # plain causal over these T tokens
+        if T == 1 and self.decode_attention is not None:                  # decoding: q (B, H, 1, D)
+            y = self.decode_attention(q, k, v, mask, self.scale, cap)      # the explicit path's result, in fp32
+        elif self.use_sdpa and cap is None and mask is None:               # plain causal over these T tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale, enable_gqa=H != K)
         elif self.use_sdpa and cap is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=H != K)

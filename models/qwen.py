@@ -336,6 +336,7 @@ def explicit_attention(q, k, v, mask):
 
 class Attention(nn.Module):
     use_sdpa = True     # False: explicit_attention, the same numbers within 1e-5 (generate.py decodes so on a CPU)
+    decode_attention = None           # generate.py's CPU decoding: a kernel for one query per sequence
 
     def __init__(self, config: Config):
         super().__init__()
@@ -366,7 +367,9 @@ class Attention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             rows = slice(0, B) if cache_rows is None else cache_rows
             k, v = self.kv_cache.update(input_pos, k, v, rows)             # (B, K, S, D)
-        if not self.use_sdpa:
+        if T == 1 and self.decode_attention is not None:                  # decoding: q (B, H, 1, D)
+            y = self.decode_attention(q, k, v, mask, 1 / math.sqrt(D))     # explicit_attention's result, in fp32
+        elif not self.use_sdpa:
             y = explicit_attention(q, k, v, mask)
         elif mask is None:                                                 # plain causal over these T tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != K)

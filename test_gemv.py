@@ -1,0 +1,125 @@
+"""gemv.c's decoding kernels against float64 references and the model files' explicit attention; row-invariance
+(the engine's batch invariance rests on it); and decoding without them (no compiler: torch's kernels)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gemv
+from models.gemma import Config as GemmaConfig
+from models.llama import Int8Linear, explicit_attention, sliding_causal_mask
+
+pytestmark = pytest.mark.skipif(gemv.library() is None, reason="gemv.c's kernels need an x86-64 CPU with AVX2")
+
+# Shapes: SmolLM2's, the tiny test models', and widths with a tail past the kernels' 32-wide steps
+SHAPES = [(960, 576), (576, 1536), (200, 64), (130, 70), (17, 1000)]
+
+
+def layers(n_out, n_in, dtype):
+    torch.manual_seed(n_out * n_in)
+    linear = nn.Linear(n_in, n_out, bias=True)
+    if dtype == "int8":
+        return Int8Linear(linear), torch.bfloat16
+    return linear.to(dtype), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_linear_is_as_close_to_float64_as_torch(dtype, shape):
+    if dtype == "int8" and shape[1] % 8:
+        pytest.skip("torch._weight_int8pack_mm, the oracle here, crashes on widths that are not a multiple of 8")
+    layer, x_dtype = layers(*shape, dtype)
+    fast = gemv.GemvLinear(layer)
+    with torch.no_grad():
+        w = layer.weight.double() * (layer.scale.double()[:, None] if dtype == "int8" else 1)
+        for M in (1, 3, gemv.MAX_ROWS):
+            x = torch.randn(M, 1, shape[1]).to(x_dtype)
+            exact = x.double() @ w.t() + layer.bias.double()
+            ours, torchs = (fast(x).double() - exact).abs().max(), (layer(x).double() - exact).abs().max()
+            # fp32 accumulation, one rounding to the output dtype (torch's bf16 rounds the bias sum once more)
+            assert ours <= 2 * torchs + 1e-6, (M, ours, torchs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+def test_a_row_comes_out_the_same_with_any_batch_and_thread_count(dtype):
+    layer, x_dtype = layers(300, 576, dtype)
+    fast = gemv.GemvLinear(layer)
+    x = torch.randn(gemv.MAX_ROWS, 576).to(x_dtype)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            alone = [fast(x[m:m + 1]) for m in range(len(x))]
+            for t in {1, 2, threads}:
+                torch.set_num_threads(t)
+                for M in range(1, len(x) + 1):
+                    assert torch.equal(fast(x[:M]), torch.cat(alone[:M])), (t, M)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_many_rows_go_to_the_layer_itself():
+    layer, _ = layers(64, 64, torch.float32)
+    x = torch.randn(gemv.MAX_ROWS + 1, 64)
+    with torch.no_grad():
+        assert torch.equal(gemv.GemvLinear(layer)(x), layer(x))
+
+
+def reference_attention(q, k, v, mask, scale, softcap):
+    # the model files' explicit path in float64: scores, the cap (Gemma 2), the mask, softmax, weighted values
+    G = q.size(1) // k.size(1)
+    k, v = k.double().repeat_interleave(G, dim=1), v.double().repeat_interleave(G, dim=1)
+    scores = q.double() @ k.transpose(-2, -1) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    return torch.softmax(scores + mask.double(), dim=-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, H, K, S, D, window, softcap", [
+    (1, 9, 3, 256, 64, None, None),         # SmolLM2-135M's heads
+    (3, 4, 2, 37, 16, None, None),          # a ragged batch: each row at its own position
+    (2, 8, 8, 100, 12, 7, None),            # no grouping, a sliding window, D not a multiple of 8
+    (2, 4, 1, 50, 32, 10, GemmaConfig.from_name("gemma-2-2b").attn_softcap),   # Gemma 2's soft-cap
+])
+def test_attend_one_equals_the_explicit_attention(dtype, B, H, K, S, D, window, softcap):
+    torch.manual_seed(S)
+    q = torch.randn(B, H, 1, D, dtype=dtype)
+    k, v = torch.randn(B, K, S, D, dtype=dtype), torch.randn(B, K, S, D, dtype=dtype)
+    positions = torch.randint(window or 0, S, (B, 1))
+    mask = sliding_causal_mask(positions, torch.arange(S), window, dtype)[:, None]          # (B, 1, 1, S)
+    exact = reference_attention(q, k, v, mask, D ** -0.5, softcap)
+    ours = gemv.attend_one(q, k, v, mask, D ** -0.5, softcap)
+    assert ours.dtype == dtype and ours.shape == q.shape
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2                 # bf16: the output's rounding
+    torch.testing.assert_close(ours.double(), exact, atol=tolerance, rtol=0)
+    if softcap is None:                  # and as close as the model files' own explicit path, in their dtype
+        theirs = explicit_attention(q, k, v, mask)
+        assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max() + 1e-6
+    # one mask row for the whole batch (positions shared), and each row alone: the same numbers
+    shared = mask[:1, 0]                                                                   # (1, S)
+    together = gemv.attend_one(q, k, v, shared, D ** -0.5, softcap)
+    for b in range(B):
+        assert torch.equal(gemv.attend_one(q[b:b + 1], k[b:b + 1], v[b:b + 1], shared, D ** -0.5, softcap),
+                           together[b:b + 1])
+
+
+def test_without_a_compiler_decoding_uses_torch_and_says_so(tiny_dir, tmp_path):
+    # A fresh process whose compiler fails and whose kernel cache is empty: one line on stderr, the same text
+    code = ("from generate import LLM; import gemv; "
+            f"llm = LLM.load({str(tiny_dir)!r}); "
+            "assert not any(isinstance(m, gemv.GemvLinear) for m in llm.model.modules()); "
+            "print(llm.generate('Once upon a time', max_new_tokens=12, temperature=0))")
+    env = {**os.environ, "CC": "false", "FLATLM_CACHE": str(tmp_path)}
+    without = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                             cwd=Path(__file__).parent)
+    assert without.returncode == 0, without.stderr
+    assert "gemv: decoding with torch's kernels" in without.stderr
+    from generate import LLM
+    llm = LLM.load(tiny_dir)
+    assert any(isinstance(m, gemv.GemvLinear) for m in llm.model.modules())
+    assert without.stdout.strip() == llm.generate("Once upon a time", max_new_tokens=12, temperature=0).strip()

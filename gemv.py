@@ -149,13 +149,14 @@ class GemvLinear(nn.Module):
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
+        self.max_rows = MAX_ROWS                                # generate.Engine raises it to its batch size
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.weight = layer.weight.detach().contiguous()       # (N, K): row-major, as the kernels read it
         self.scale = getattr(layer, "scale", None)
         self.bias = None if layer.bias is None else layer.bias.detach().float()    # added in fp32, then rounded
 
     def forward(self, x):
-        if x.numel() > MAX_ROWS * self.in_features or x.requires_grad:
+        if x.numel() > self.max_rows * self.in_features or x.requires_grad:
             return self.layer(x)
         multiply = torch.ops.flatlm.gemv if torch.compiler.is_compiling() else gemv
         return multiply(x, self.weight, self.scale, self.bias)

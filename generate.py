@@ -498,7 +498,8 @@ def pack_linears(model: nn.Module, dtype: torch.dtype):
         return
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) in (nn.Linear, SplitLinear) and child.weight.dtype == dtype:
+            if type(child) in (nn.Linear, SplitLinear) and child.weight.dtype == dtype and \
+                    not isinstance(parent, gemv.GemvLinear):          # (its own decoding is row-invariant)
                 setattr(parent, name, PackedLinear(child))
 
 
@@ -685,6 +686,9 @@ class Engine:
         self.device = model.tok_embeddings.weight.device
         if self.device.type == "cpu":
             pack_linears(model, torch.float32)         # bf16 ones are packed already where that helps
+            for layer in model.modules():              # every decode step's rows through gemv.c: row-invariant
+                if isinstance(layer, gemv.GemvLinear):
+                    layer.max_rows = max(layer.max_rows, max_batch_size)
         self.context = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.slots: list[Sequence | None] = [None] * max_batch_size

@@ -90,19 +90,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
          bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight.T + bias -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16, or int8 with a
     bf16 scale (N,) per row; bias (N,) fp32 or None. Computed in fp32, rounded once."""
-    lib = library()
     N, K = weight.shape
-    rows = x.reshape(-1, K).float().contiguous()                        # (M, K) fp32: a copy only for bf16 x
-    M = rows.size(0)
-    y = torch.empty(M, N, dtype=x.dtype)
-    b, bf16_out = None if bias is None else bias.data_ptr(), int(x.dtype == torch.bfloat16)
-    if weight.dtype == torch.float32:
-        lib.gemv_f32(rows.data_ptr(), weight.data_ptr(), b, y.data_ptr(), M, N, K, bf16_out)
-    elif weight.dtype == torch.bfloat16:
-        lib.gemv_bf16(rows.data_ptr(), weight.data_ptr(), b, y.data_ptr(), M, N, K, bf16_out)
+    rows = x.reshape(-1, K)
+    rows = rows.contiguous() if x.dtype == torch.float32 else rows.float()      # (M, K) fp32
+    y = x.new_empty(*x.shape[:-1], N)
+    b = None if bias is None else bias.data_ptr()
+    args = (y.data_ptr(), rows.size(0), N, K, x.dtype == torch.bfloat16)
+    if weight.dtype == torch.int8:
+        library().gemv_int8(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), b, *args)
     else:
-        lib.gemv_int8(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), b, y.data_ptr(), M, N, K, bf16_out)
-    return y.view(*x.shape[:-1], N)
+        kernel = library().gemv_f32 if weight.dtype == torch.float32 else library().gemv_bf16
+        kernel(rows.data_ptr(), weight.data_ptr(), b, *args)
+    return y
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,

@@ -102,8 +102,8 @@ def explicit_attention(model):
     one query per sequence on a CPU, torch's SDPA kernel, made for long blocks of queries, is slow: SmolLM2-135M's
     layer, 256 cached positions, one thread, 330 us in bf16 (it converts its blocks to fp32 and back) on an AVX-512
     EPYC; the explicit path's three small ops 60 us there, but 280 us on an AVX2 one (torch has no fast bf16 matmul
-    for it); gemv.attend_one, one call computing in fp32, about 25 us on either. The engine also needs the
-    row-invariance of the last two."""
+    for it), where gemv.attend_one, one call computing in fp32, takes 70 (measured on a loaded machine: every
+    figure here shrinks on a quiet one). The engine also needs the row-invariance of the last two."""
     layers = [block.attn for block in model.layers if hasattr(block.attn, "use_sdpa")]
     saved = [(attn.use_sdpa, attn.decode_attention) for attn in layers]
     kernel = gemv.decode_attention if model.tok_embeddings.weight.device.type == "cpu" and gemv.library() else None
@@ -127,8 +127,8 @@ class CompiledBlocks:
     torch.compile for one token. Every layer runs the same Block code on tensors of the same shapes, so one graph
     serves them all (two for Gemma's local and global layers) and compiling takes seconds: the whole step, unrolled
     over 30 layers, takes about 30 s. Inductor fuses each block's small ops (norms, RoPE, the softmax, residual adds)
-    into a few C++ loops; the matmuls stay the eager kernels (PackedLinear's through its own operator, the int8 and
-    int4 ones). Prefill, and speculative decoding's verification, run eagerly: a graph per prompt length would cost
+    into a few C++ loops; the matmuls and one-query attention stay the eager kernels, called as operators (gemv.c's,
+    PackedLinear's, the int8 and int4 ones). Prefill, and speculative decoding's verification, run eagerly: a graph per prompt length would cost
     more than it saves. Measured on this project's 2-core AVX-512 EPYC, SmolLM2-135M (bench_generate.py), eager ->
     compiled tokens/s: bf16 36.5 -> 42.7, int8 51.5 -> 60.9, int4 66.9 -> 83.2; fp32 no faster (its few small ops
     are fast already). Compiling costs 3-8 s with inductor's on-disk cache warm, about 20 s cold: it pays off after

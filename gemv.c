@@ -45,27 +45,39 @@ static inline void store(void *y, int64_t i, float v, int bf16_out) {
     else ((float *)y)[i] = v;
 }
 
+static inline __m256 int8x8(const int8_t *p) {          /* 8 int8 -> 8 fp32 */
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* 8 weights of a row from k on, widened to fp32 (int8 is a constant where this is inlined: no branch is left) */
+static inline __m256 weights8(const void *row, int64_t k, int int8) {
+    return int8 ? int8x8((const int8_t *)row + k) : _mm256_loadu_ps((const float *)row + k);
+}
+
+/* x . row over K: fp32 or int8 row */
+static inline float dot(const float *x, const void *row, int64_t K, int int8) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), weights8(row, k, int8), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), weights8(row, k + 8, int8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), weights8(row, k + 16, int8), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), weights8(row, k + 24, int8), a3);
+    }
+    float s = sum_acc(a0, a1, a2, a3);
+    for (; k < K; k++) s += x[k] * (int8 ? ((const int8_t *)row)[k] : ((const float *)row)[k]);
+    return s;
+}
+
 /* x: (M, K) fp32; w: (N, K) fp32; bias: (N,) fp32 or NULL; y: (M, N) fp32 or bf16 */
 void gemv_f32(const float *x, const float *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
               int bf16_out) {
     #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const float *row = w + n * K;
+    for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            int64_t k = 0;
-            for (; k + 32 <= K; k += 32) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), _mm256_loadu_ps(row + k), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 8), _mm256_loadu_ps(row + k + 8), a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 16), _mm256_loadu_ps(row + k + 16), a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 24), _mm256_loadu_ps(row + k + 24), a3);
-            }
-            float s = sum_acc(a0, a1, a2, a3);
-            for (; k < K; k++) s += xm[k] * row[k];
+            float s = dot(x + m * K, w + n * K, K, 0);
             store(y, m * N + n, bias ? s + bias[n] : s, bf16_out);
         }
-    }
 }
 
 /* x: (M, K) fp32; w: (N, K) bf16 with K even; bias: (N,) fp32 or NULL; y: (M, N) fp32 or bf16.
@@ -105,33 +117,16 @@ void gemv_bf16(const float *x, const uint32_t *w, const float *bias, void *y, in
     free(odd);
 }
 
-static inline __m256 int8x8(const int8_t *p) {          /* 8 int8 -> 8 fp32 */
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
 /* x: (M, K) fp32; w: (N, K) int8 with a bf16 scale per row (models' Int8Linear: W ~ scale[n] * w[n, :]);
    bias: (N,) fp32 or NULL; y: (M, N) fp32 or bf16 */
 void gemv_int8(const float *x, const int8_t *w, const uint16_t *scale, const float *bias, void *y, int64_t M, int64_t N,
                int64_t K, int bf16_out) {
     #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *row = w + n * K;
+    for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            int64_t k = 0;
-            for (; k + 32 <= K; k += 32) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), int8x8(row + k), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 8), int8x8(row + k + 8), a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 16), int8x8(row + k + 16), a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 24), int8x8(row + k + 24), a3);
-            }
-            float s = sum_acc(a0, a1, a2, a3);
-            for (; k < K; k++) s += xm[k] * row[k];
-            s *= bf16_to_f32(scale[n]);
+            float s = dot(x + m * K, w + n * K, K, 1) * bf16_to_f32(scale[n]);
             store(y, m * N + n, bias ? s + bias[n] : s, bf16_out);
         }
-    }
 }
 
 /* Attention for one query per sequence, the decode step's: y = softmax(q k^T * scale + mask) v, per query head, over

@@ -65,13 +65,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         # x: (..., in) -> (..., out). The low-rank path runs in x's dtype: (x A^T) is (rows, r), then B^T.
-        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
-        y = self.base(x)                                                   # (..., out)
-        x_a = F.linear(self.dropout(x) if self.dropout.p else x, a)        # (..., r); Dropout(0) would copy x
-        # One addmm adds scale * (x A^T) B^T into the base's output as the matmul writes it: no (..., out)
-        # temporaries for the product, its scaling and the sum, in forward or backward.
-        out = torch.addmm(y.reshape(-1, self.out_features), x_a.reshape(-1, self.r), b.t(), alpha=self.scale)
-        return out.view(y.shape)
+        shape = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)                                # (rows, in): every leading dim as rows
+        y = self.base(x)                                                   # (rows, out)
+        x_a = F.linear(self.dropout(x) if self.dropout.p else x, self.lora_a.to(x.dtype))   # (rows, r)
+        # One addmm_ adds scale * (x A^T) B^T into the base's output in place (its backward does not read it): no
+        # (rows, out) temporaries for the product, its scaling and the sum, in forward or backward.
+        return y.addmm_(x_a, self.lora_b.to(y.dtype).t(), alpha=self.scale).view(*shape, self.out_features)
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}"

@@ -113,10 +113,16 @@ def param_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16-true" else torch.float32
 
 
-# CPU linears. PyTorch's linear layers run their matmuls through MKL's sgemm (aten::mm). oneDNN's matmul, the kernel
-# behind PyTorch's own CPU inference paths, is 10-25% faster on a training step's shapes (measured fp32 on an AVX-512
-# EPYC, 2 threads), and reads a transposed operand in place, by its strides. So on a CPU, fp32 nn.Linear layers run
-# through OneDNNLinear.
+# CPU linears. PyTorch's linear layers run their matmuls through MKL's sgemm (aten::mm). On a CPU with AVX-512,
+# oneDNN's matmul, the kernel behind PyTorch's own CPU inference paths, is 10-25% faster on a training step's shapes
+# (measured fp32 on an AVX-512 EPYC, 2 threads), and reads a transposed operand in place, by its strides; so there,
+# fp32 nn.Linear layers run through OneDNNLinear. On an AVX2 CPU it is the other way round: MKL's sgemm is 5-35%
+# faster than oneDNN's matmul on the same shapes, the gradients most (measured on an AVX2 EPYC, 2 threads), and
+# nn.Linear is left as it is.
+
+
+def onednn_is_faster() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def onednn_linear(x, weight, bias=None):
@@ -125,26 +131,24 @@ def onednn_linear(x, weight, bias=None):
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """F.linear(x, weight, bias) with its three matmuls through oneDNN: the output in forward; the gradients of the
-    input (g W) and of the weight (g^T x) in backward. The same products summed in another order: within fp32
-    rounding of nn.Linear's (test_train.py checks the output and every gradient)."""
+    """F.linear(x, weight, bias) of x (M, K) with its three matmuls through oneDNN: the output in forward; the
+    gradients of the input (g W) and of the weight (g^T x) in backward. The same products summed in another order:
+    within fp32 rounding of nn.Linear's (test_train.py checks the output and every gradient)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        x2 = x.reshape(-1, x.size(-1))                                    # (M, K): every leading dim as rows
-        ctx.save_for_backward(x2 if weight.requires_grad else None, weight)   # a frozen weight needs no x
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)   # a frozen weight needs no x
         ctx.has_bias = bias is not None
-        return onednn_linear(x2, weight, bias).view(*x.shape[:-1], weight.size(0))
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x2, weight = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.size(-1))                           # (M, N)
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors                                     # g: (M, N)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:                 # (M, N) @ (N, K): the linear whose weight is W^T, a (K, N) view
-            grad_x = onednn_linear(g, weight.t()).view(*grad_y.shape[:-1], weight.size(1))
+            grad_x = onednn_linear(g, weight.t())
         if ctx.needs_input_grad[1]:                 # (N, M) @ (M, K): the linear of g^T whose weight is x^T
-            grad_w = onednn_linear(g.t(), x2.t())
+            grad_w = onednn_linear(g.t(), x.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
@@ -155,7 +159,10 @@ def cpu_linear(linear, x):
     inputs to bf16, as bf16-mixed asks). Anything else as nn.Linear does it."""
     if x.device.type == "cpu" and x.dtype == linear.weight.dtype == torch.float32 and \
             not torch.is_autocast_enabled("cpu"):
-        return OneDNNLinear.apply(x, linear.weight, linear.bias)
+        # Every leading dim as rows: (M, K) -> (M, N). Reshaped here, outside the Function, so that its output may be
+        # changed in place (LoRA adds its update into it): a custom Function's output must not be a view.
+        y = OneDNNLinear.apply(x.reshape(-1, x.size(-1)), linear.weight, linear.bias)
+        return y.view(*x.shape[:-1], y.size(-1))
     return F.linear(x, linear.weight, linear.bias)
 
 
@@ -310,7 +317,7 @@ def prepare_model(recipe: Recipe, env: Env):
     else:
         model = models.load(recipe.checkpoint_dir, device=home, dtype=dtype)
     model = apply_method(model, recipe)
-    if home.type == "cpu" and not env.xla and not recipe.compile and torch.backends.mkldnn.is_available():
+    if home.type == "cpu" and not env.xla and not recipe.compile and onednn_is_faster():
         use_onednn_linears(model)                       # (compiled blocks: inductor chooses the CPU matmuls itself)
     if fsdp:
         shard_model(model, recipe, env)
@@ -429,6 +436,22 @@ def chunk_loss(output, h, y):
     return F.cross_entropy(output(h).float(), y, ignore_index=datalib.IGNORE, reduction="sum")
 
 
+def cross_entropy_and_grad(logits, y):
+    """chunk_loss's sum and its gradient with respect to the logits (rows, vocab): softmax(logits) - onehot(y), and
+    zero on a row whose target is IGNORE. Computed directly, in two passes over the logits (the log-softmax, then its
+    exp), where autograd's cross-entropy makes five (the log-softmax, and in backward a zero-filled gradient, its
+    scatter and the log-softmax's backward). In place of fp32 logits: the head's backward does not read them."""
+    log_probs = logits.float()
+    torch.log_softmax(log_probs, dim=-1, out=log_probs)                 # (rows, vocab)
+    has_target = y != datalib.IGNORE
+    target = torch.where(has_target, y, 0)[:, None]                     # (rows, 1): an ignored row reads column 0
+    loss = -(log_probs.gather(1, target).squeeze(1) * has_target).sum()
+    grad = log_probs.exp_()                                             # softmax
+    grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))   # - onehot(y)
+    grad.mul_(has_target[:, None])                                      # ignored rows (on XLA, which keeps them): 0
+    return loss, grad.to(logits.dtype)
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(output(h[rows]), targets[rows]), with the gradient of h (rows, C) and of
     params (the trainable parameters that output uses) computed chunk by chunk while the loss is."""
@@ -442,12 +465,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + LOSS_ROWS)
             with torch.enable_grad():                     # autograd is off inside a Function's forward
                 h_rows = h[rows].detach().requires_grad_()
-                loss = chunk_loss(output, h_rows, targets[rows])
-            grads = torch.autograd.grad(loss, [h_rows, *params])
+                logits = output(h_rows)                   # (rows, vocab)
+            loss, grad_logits = cross_entropy_and_grad(logits, targets[rows])
+            grads = torch.autograd.grad(logits, [h_rows, *params], grad_logits)
             grad_h[rows] = grads[0]
             for i, g in enumerate(grads[1:]):
                 grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
-            total += loss.detach()
+            total += loss
         # No target rows (a micro-batch of prompts only): zero gradients, as the plain loss gives. Every process must
         # hand FSDP a gradient for the same parameters, or its reduce-scatters would not match.
         grad_params = [torch.zeros_like(p) if g is None else g for g, p in zip(grad_params, params)]

@@ -25,7 +25,14 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+# Transparent huge pages for large CPU tensors: PyTorch's CPU allocator madvises every allocation of 2 MB or more
+# when THP_MEM_ALLOC_ENABLE=1, which it reads at its first allocation (so before torch is imported). A CPU training
+# step frees and allocates again some hundred MB of activations, gradients and logits, which glibc hands back to the
+# kernel and takes again: 30-120k page faults a step with 4 KB pages (SmolLM2-135M LoRA), some hundred with 2 MB
+# ones. A few MB more resident memory. An environment setting of its own wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402  (after the setting above)
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml

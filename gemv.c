@@ -69,28 +69,40 @@ static inline float dot(const float *x, const void *row, int64_t K, int int8) {
     return s;
 }
 
-/* x: (M, K) fp32; w: (N, K) fp32; bias: (N,) fp32 or NULL; y: (M, N) fp32 or bf16 */
-void gemv_f32(const float *x, const float *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
-              int bf16_out) {
+/* x in fp32, or bf16 widened to fp32 once here (into a buffer the caller frees: NULL when x already is fp32) */
+static const float *fp32_rows(const void *x, int x_bf16, int64_t n, float **owned) {
+    *owned = NULL;
+    if (!x_bf16) return (const float *)x;
+    float *f = malloc(sizeof(float) * n);
+    for (int64_t i = 0; i < n; i++) f[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    return *owned = f;
+}
+
+/* x: (M, K) fp32, or bf16 (bf16: x and y in bf16); w: (N, K) fp32; bias: (N,) fp32 or NULL; y: (M, N) */
+void gemv_f32(const void *x_in, const float *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
+              int bf16) {
+    float *owned;
+    const float *x = fp32_rows(x_in, bf16, M * K, &owned);
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
             float s = dot(x + m * K, w + n * K, K, 0);
-            store(y, m * N + n, bias ? s + bias[n] : s, bf16_out);
+            store(y, m * N + n, bias ? s + bias[n] : s, bf16);
         }
+    free(owned);
 }
 
-/* x: (M, K) fp32; w: (N, K) bf16 with K even; bias: (N,) fp32 or NULL; y: (M, N) fp32 or bf16.
+/* x: (M, K) fp32 or bf16 (y in x's dtype, as above); w: (N, K) bf16 with K even; bias: (N,) fp32 or NULL; y: (M, N).
    W is read as 32-bit words, each a pair of bf16: the even element in the low half, the odd one in the high half.
    Widening the odd ones is a mask (the high half already is an fp32) and the even ones a shift: two instructions
    for 16 weights. So x is split once into its even and odd elements, to multiply them with. */
-void gemv_bf16(const float *x, const uint32_t *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
-               int bf16_out) {
+void gemv_bf16(const void *x, const uint32_t *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
+               int bf16) {
     const int64_t P = K / 2;                                 /* pairs per row */
     float *even = malloc(sizeof(float) * M * P), *odd = malloc(sizeof(float) * M * P);
     for (int64_t i = 0; i < M * P; i++) {
-        even[i] = x[2 * i];
-        odd[i] = x[2 * i + 1];
+        even[i] = bf16 ? bf16_to_f32(((const uint16_t *)x)[2 * i]) : ((const float *)x)[2 * i];
+        odd[i] = bf16 ? bf16_to_f32(((const uint16_t *)x)[2 * i + 1]) : ((const float *)x)[2 * i + 1];
     }
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     #pragma omp parallel for schedule(static)
@@ -110,23 +122,26 @@ void gemv_bf16(const float *x, const uint32_t *w, const float *bias, void *y, in
             }
             float s = sum_acc(a0, a1, a2, a3);
             for (; p < P; p++) s += e[p] * bf16_to_f32((uint16_t)row[p]) + o[p] * bf16_to_f32((uint16_t)(row[p] >> 16));
-            store(y, m * N + n, bias ? s + bias[n] : s, bf16_out);
+            store(y, m * N + n, bias ? s + bias[n] : s, bf16);
         }
     }
     free(even);
     free(odd);
 }
 
-/* x: (M, K) fp32; w: (N, K) int8 with a bf16 scale per row (models' Int8Linear: W ~ scale[n] * w[n, :]);
-   bias: (N,) fp32 or NULL; y: (M, N) fp32 or bf16 */
-void gemv_int8(const float *x, const int8_t *w, const uint16_t *scale, const float *bias, void *y, int64_t M, int64_t N,
-               int64_t K, int bf16_out) {
+/* x: (M, K) fp32 or bf16 (y in x's dtype); w: (N, K) int8 with a bf16 scale per row (models' Int8Linear:
+   W ~ scale[n] * w[n, :]); bias: (N,) fp32 or NULL; y: (M, N) */
+void gemv_int8(const void *x_in, const int8_t *w, const uint16_t *scale, const float *bias, void *y, int64_t M,
+               int64_t N, int64_t K, int bf16) {
+    float *owned;
+    const float *x = fp32_rows(x_in, bf16, M * K, &owned);
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
             float s = dot(x + m * K, w + n * K, K, 1) * bf16_to_f32(scale[n]);
-            store(y, m * N + n, bias ? s + bias[n] : s, bf16_out);
+            store(y, m * N + n, bias ? s + bias[n] : s, bf16);
         }
+    free(owned);
 }
 
 /* Attention for one query per sequence, the decode step's: y = softmax(q k^T * scale + mask) v, per query head, over

@@ -14,7 +14,7 @@ import gemv
 from models.gemma import Config as GemmaConfig
 from models.llama import Int8Linear, explicit_attention, sliding_causal_mask
 
-pytestmark = pytest.mark.skipif(gemv.library() is None, reason="gemv.c's kernels need an x86-64 CPU with AVX2")
+pytestmark = pytest.mark.skipif(not gemv.library(), reason="gemv.c's kernels need an x86-64 CPU with AVX2")
 
 # Shapes: SmolLM2's, the tiny test models', and widths with a tail past the kernels' 32-wide steps
 SHAPES = [(960, 576), (576, 1536), (200, 64), (130, 70), (17, 1000)]
@@ -114,7 +114,7 @@ def test_without_a_compiler_decoding_uses_torch_and_says_so(tiny_dir, tmp_path):
             f"llm = LLM.load({str(tiny_dir)!r}); "
             "assert not any(isinstance(m, gemv.GemvLinear) for m in llm.model.modules()); "
             "print(llm.generate('Once upon a time', max_new_tokens=12, temperature=0))")
-    env = {**os.environ, "CC": "false", "FLATLM_CACHE": str(tmp_path)}
+    env = {**os.environ, "CC": "false", "CXX": "false", "FLATLM_CACHE": str(tmp_path)}
     without = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                              cwd=Path(__file__).parent)
     assert without.returncode == 0, without.stderr

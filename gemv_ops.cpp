@@ -1,0 +1,97 @@
+// gemv.c's kernels as torch operators, flatlm::gemv and flatlm::attend_one: what gemv.py loads (one library with
+// gemv.c, compiled on first use) and what the model files call while decoding on a CPU. An operator written in C++
+// costs about 6 us a call from Python, allocation included; the same operator with a Python body cost 16, and
+// ctypes with its Python wrapper 9-12: a decode step makes about 150 calls. torch.compile calls them as they are.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+extern "C" {
+void gemv_f32(const void *x, const float *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K, int bf16);
+void gemv_bf16(const void *x, const uint32_t *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
+               int bf16);
+void gemv_int8(const void *x, const int8_t *w, const uint16_t *scale, const float *bias, void *y, int64_t M,
+               int64_t N, int64_t K, int bf16);
+void attend_one(const void *q, const void *k, const void *v, const float *mask, int mask_rows, void *y, int64_t B,
+                int64_t H, int64_t K, int64_t S, int64_t D, float scale, float softcap, int bf16);
+}
+
+static bool fp32_or_bf16(const at::Tensor &t) {
+    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+}
+
+// x (..., K) @ weight.T + bias -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16 (K even), or int8
+// with a bf16 scale (N,) per row; bias (N,) fp32 or none. Computed in fp32, rounded once.
+static at::Tensor gemv(const at::Tensor &x_in, const at::Tensor &weight, const std::optional<at::Tensor> &scale,
+                       const std::optional<at::Tensor> &bias) {
+    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "flatlm::gemv: weight must be a contiguous (N, K) matrix");
+    const int64_t N = weight.size(0), K = weight.size(1);
+    TORCH_CHECK(x_in.size(-1) == K && fp32_or_bf16(x_in), "flatlm::gemv: x must be fp32 or bf16 (..., ", K, "), got ",
+                x_in.sizes(), " ", x_in.scalar_type());
+    TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous()),
+                "flatlm::gemv: bias must be fp32 (", N, ",)");
+    const at::Tensor x = x_in.contiguous();
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    at::Tensor y = at::empty(shape, x.options());
+    const int64_t M = x.numel() / K;
+    const int bf16 = x.scalar_type() == at::kBFloat16;
+    const float *b = bias ? bias->const_data_ptr<float>() : nullptr;
+    switch (weight.scalar_type()) {
+    case at::kFloat:
+        gemv_f32(x.const_data_ptr(), weight.const_data_ptr<float>(), b, y.data_ptr(), M, N, K, bf16);
+        break;
+    case at::kBFloat16:
+        TORCH_CHECK(K % 2 == 0, "flatlm::gemv: a bf16 weight needs an even K, got ", K);
+        gemv_bf16(x.const_data_ptr(), static_cast<const uint32_t *>(weight.const_data_ptr()), b, y.data_ptr(), M, N, K,
+                  bf16);
+        break;
+    case at::kChar:
+        TORCH_CHECK(scale && scale->scalar_type() == at::kBFloat16 && scale->numel() == N && scale->is_contiguous(),
+                    "flatlm::gemv: an int8 weight needs a bf16 scale (", N, ",)");
+        gemv_int8(x.const_data_ptr(), weight.const_data_ptr<int8_t>(),
+                  static_cast<const uint16_t *>(scale->const_data_ptr()), b, y.data_ptr(), M, N, K, bf16);
+        break;
+    default:
+        TORCH_CHECK(false, "flatlm::gemv: weight must be fp32, bf16 or int8, got ", weight.scalar_type());
+    }
+    return y;
+}
+
+// A model file's attention for one query per sequence: q (B, H, 1, D); k, v (B, K, S, D) in q's dtype (the KV cache's
+// rows); mask additive, broadcasting to (B, 1, 1, S), or none (S == 1) -> (B, H, 1, D). Computed in fp32.
+static at::Tensor attend_one_op(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
+                                const std::optional<at::Tensor> &mask_in, double scale,
+                                std::optional<double> softcap) {
+    TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && k_in.dim() == 4 && v_in.sizes() == k_in.sizes(),
+                "flatlm::attend_one: q must be (B, H, 1, D) and k, v (B, K, S, D), got ", q_in.sizes(), ", ",
+                k_in.sizes(), ", ", v_in.sizes());
+    TORCH_CHECK(fp32_or_bf16(q_in) && k_in.scalar_type() == q_in.scalar_type() &&
+                    v_in.scalar_type() == q_in.scalar_type(),
+                "flatlm::attend_one: q, k and v must all be fp32 or all bf16");
+    const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(3), K = k_in.size(1), S = k_in.size(2);
+    TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D && H % K == 0, "flatlm::attend_one: q ", q_in.sizes(),
+                " does not match k ", k_in.sizes());
+    const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();   // (cache rows are)
+    const at::Tensor mask = mask_in ? mask_in->to(at::kFloat).reshape({-1, S}).contiguous()     // (1, S) or (B, S)
+                                    : at::zeros({1, S}, q.options().dtype(at::kFloat));
+    TORCH_CHECK(mask.size(0) == 1 || mask.size(0) == B, "flatlm::attend_one: mask ", mask_in->sizes(),
+                " is not one row per sequence");
+    at::Tensor y = at::empty_like(q);
+    attend_one(q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), mask.const_data_ptr<float>(),
+               mask.size(0) > 1, y.data_ptr(), B, H, K, S, D, static_cast<float>(scale),
+               static_cast<float>(softcap.value_or(0.0)), q.scalar_type() == at::kBFloat16);
+    return y;
+}
+
+TORCH_LIBRARY(flatlm, m) {
+    m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor");
+    m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float? softcap) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(flatlm, CPU, m) {
+    m.impl("gemv", &gemv);
+    m.impl("attend_one", &attend_one_op);
+}

@@ -102,6 +102,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
          bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight.T + bias -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16, or int8 with a
     bf16 scale (N,) per row; bias (N,) fp32 or None. Computed in fp32, rounded once."""
+    library()
     return torch.ops.flatlm.gemv.default(x, weight, scale, bias)
 
 
@@ -111,6 +112,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     fp32 or bf16 (the KV cache's rows); mask additive, broadcasting to (B, 1, 1, S), or None (S == 1) -> (B, H, 1, D).
     Computed in fp32 (the model files' explicit path multiplies in q's dtype). What generate.py sets as the model
     files' Attention.decode_attention."""
+    library()
     return torch.ops.flatlm.attend_one.default(q, k, v, mask, scale, softcap)
 
 

@@ -104,16 +104,18 @@ def explicit_attention(model):
     EPYC; the explicit path's three small ops 60 us there, but 280 us on an AVX2 one (torch has no fast bf16 matmul
     for it), where gemv.attend_one, one call computing in fp32, takes 70 (measured on a loaded machine: every
     figure here shrinks on a quiet one). The engine also needs the row-invariance of the last two."""
-    layers = [block.attn for block in model.layers if hasattr(block.attn, "use_sdpa")]
-    saved = [(attn.use_sdpa, attn.decode_attention) for attn in layers]
+    # (Plain attributes, written into each module's __dict__: nn.Module's __setattr__ would cost 1 ms a token.)
+    layers = [vars(block.attn) for block in model.layers if hasattr(block.attn, "use_sdpa")]
+    saved = [{name: attn[name] for name in ("use_sdpa", "decode_attention") if name in attn} for attn in layers]
     kernel = gemv.decode_attention if model.tok_embeddings.weight.device.type == "cpu" and gemv.library() else None
     for attn in layers:
-        attn.use_sdpa, attn.decode_attention = False, kernel
+        attn["use_sdpa"], attn["decode_attention"] = False, kernel
     try:
         yield
     finally:
-        for attn, (use, decode) in zip(layers, saved):
-            attn.use_sdpa, attn.decode_attention = use, decode
+        for attn, before in zip(layers, saved):       # the class's defaults again, or what the instance had
+            del attn["use_sdpa"], attn["decode_attention"]
+            attn.update(before)
 
 
 def decode_one_token_explicit(model, token: torch.Tensor, input_pos: torch.Tensor, s: Sampling, generator=None):

@@ -1,6 +1,7 @@
 """train.py: every method trains, a resumed run equals an uninterrupted one, the final checkpoint loads everywhere,
 recipes are validated, and bad input fails with one line."""
 
+import copy
 import csv
 import json
 import signal
@@ -125,19 +126,22 @@ def test_chunked_loss_of_prompt_tokens_only_gives_zero_head_gradients():
     assert torch.equal(model.lm_head.weight.grad, torch.zeros_like(model.lm_head.weight))
 
 
-@pytest.mark.parametrize("bias, frozen", [(False, False), (True, False), (False, True)])
-def test_onednn_linear_gives_nn_linear_outputs_and_gradients(bias, frozen):
-    # The oracle: the same nn.Linear called plainly. 3-D input (rows = B * T), a bias, a frozen weight (LoRA's base).
+@pytest.mark.parametrize("bias, frozen, rows", [(False, False, (3, 7)), (True, False, (3, 7)), (False, True, (3, 7)),
+                                                (False, True, (21,))])
+def test_onednn_linear_gives_nn_linear_outputs_and_gradients(bias, frozen, rows):
+    # The oracle: the same nn.Linear called plainly. 3-D input (rows = B * T), a bias, a frozen weight (LoRA's base),
+    # a 2-D input (LoRA's).
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 80, bias=bias).requires_grad_(not frozen)
-    x = torch.randn(3, 7, 48, requires_grad=True)
-    grad_y = torch.randn(3, 7, 80)
+    x = torch.randn(*rows, 48, requires_grad=True)
+    grad_y = torch.randn(*rows, 80)
     params = [x] + [p for p in linear.parameters() if p.requires_grad]
     expected = linear(x)
     expected_grads = torch.autograd.grad(expected, params, grad_y)
     train.use_onednn_linears(linear)
     y = linear(x)
-    assert y.grad_fn.next_functions[0][0].name() == "OneDNNLinearBackward"   # it ran the oneDNN path (then a view)
+    node = y.grad_fn if len(rows) == 1 else y.grad_fn.next_functions[0][0]   # 2-D: not even a view (LoRA adds
+    assert node.name() == "OneDNNLinearBackward"                             # into it in place)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(torch.autograd.grad(y, params, grad_y), expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
@@ -163,6 +167,70 @@ def test_a_model_on_onednn_linears_trains_as_on_nn_linear(family, fields):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     for g, e in zip(torch.autograd.grad(loss / 27, list(model.parameters())), expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def test_lora_on_onednn_linears_trains_as_on_nn_linear():
+    # LoRA adds its update into the base's output in place: with a oneDNN base, autograd must see no view there (no
+    # CopySlices: a zero-filled copy of the whole output) and every gradient must be the plain layer's.
+    torch.manual_seed(0)
+    plain = finetune_lora.LoRALinear(torch.nn.Linear(48, 80), r=4, alpha=8)
+    torch.nn.init.normal_(plain.lora_b)
+    plain.base.requires_grad_(False)
+    fast = copy.deepcopy(plain)
+    train.use_onednn_linears(fast)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    grad_y = torch.randn(3, 7, 80)
+    expected = plain(x)
+    y = fast(x)
+    names, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        names.add(node.name())
+        todo += [n for n, _ in node.next_functions if n is not None]
+    assert "OneDNNLinearBackward" in names and not {"CopySlices", "AsStridedBackward0"} & names, names
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(torch.autograd.grad(y, [x, fast.lora_a, fast.lora_b], grad_y),
+                    torch.autograd.grad(expected, [x, plain.lora_a, plain.lora_b], grad_y)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def test_compiled_blocks_on_onednn_linears_train_as_plain():
+    # compile=true on an AVX-512 CPU: dynamo breaks its graphs at the oneDNN linears and compiles what lies between;
+    # the loss and every gradient stay the plain model's.
+    torch.manual_seed(0)
+    m = models.module("llama")
+    config = m.Config(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, dim=32, intermediate_size=48, max_seq_len=64)
+    plain, model = m.Transformer(config), m.Transformer(config)
+    model.load_state_dict(plain.state_dict())
+    train.use_onednn_linears(model, compiled=True)
+    for block in model.layers:
+        block.compile()
+    x, y = torch.randint(0, 96, (3, 9)), torch.randint(0, 96, (3, 9))
+    recipe, env = recipe_lib.build(recipe_lib.Recipe, {"precision": "32-true"}), train.Env()
+    expected = train.loss_sum(plain, x, y, recipe, env)
+    expected_grads = torch.autograd.grad(expected / 27, list(plain.parameters()))
+    loss = train.loss_sum(model, x, y, recipe, env)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for g, e in zip(torch.autograd.grad(loss / 27, list(model.parameters())), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def test_freed_cpu_memory_is_kept_for_the_next_step():
+    # After keep_freed_cpu_memory, a 113 MB block freed and allocated again (as SmolLM2's embedding gradient is, every
+    # micro-batch) comes back without page faults; plain glibc hands it back to the kernel and faults it in again:
+    # ~27k faults each time with 4 KB pages, 56 with transparent huge pages.
+    code = ("import json, resource, sys, torch, train\n"
+            "if sys.argv[1] == 'keep': train.keep_freed_cpu_memory()\n"
+            "faults = []\n"
+            "for _ in range(8):\n"
+            "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "    torch.zeros(49152, 576)\n"
+            "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+            "print(json.dumps(faults))\n")
+    faults = {how: json.loads(subprocess.run([sys.executable, "-c", code, how], cwd=ROOT, capture_output=True,
+                                             text=True, check=True).stdout) for how in ("keep", "plain")}
+    none = {how: sum(f < 20 for f in counts) for how, counts in faults.items()}     # allocations without faults
+    assert none["keep"] >= 6 and none["plain"] <= 1, faults
 
 
 def test_qlora_runs_on_cpu(tiny_dir, tmp_path):

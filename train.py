@@ -11,6 +11,7 @@ in out_dir/final/.
 """
 
 import csv
+import ctypes
 import dataclasses
 import functools
 import importlib.util
@@ -25,14 +26,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-# Transparent huge pages for large CPU tensors: PyTorch's CPU allocator madvises every allocation of 2 MB or more
-# when THP_MEM_ALLOC_ENABLE=1, which it reads at its first allocation (so before torch is imported). A CPU training
-# step frees and allocates again some hundred MB of activations, gradients and logits, which glibc hands back to the
-# kernel and takes again: 30-120k page faults a step with 4 KB pages (SmolLM2-135M LoRA), some hundred with 2 MB
-# ones. A few MB more resident memory. An environment setting of its own wins.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import torch  # noqa: E402  (after the setting above)
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
@@ -95,6 +89,24 @@ def setup_env() -> Env:
     return Env(rank, world, local, device)
 
 
+def keep_freed_cpu_memory():
+    """glibc's malloc gives every block of 32 MB or more back to the kernel when it is freed (and the free top of its
+    heap, past a threshold), so a CPU training step, which frees and allocates again some hundred MB of activations,
+    gradients and logits, page-faults it all in again: ~100k faults and 0.3-1 s of kernel time a step for SmolLM2
+    full finetuning on 2 cores, and even more with transparent huge pages (which the kernel zeroes and compacts).
+    So every block comes from the heap (mmap off) and none of it is given back: after the first steps a step
+    faults ~15 times, and the process keeps its peak memory until it exits. Not glibc (macOS, musl): nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                 # glibc's malloc.h
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
 def barrier(env: Env):
     if env.xla:
         import torch_xla.core.xla_model as xm
@@ -122,8 +134,9 @@ def param_dtype(precision: str) -> torch.dtype:
 
 # CPU linears. PyTorch's linear layers run their matmuls through MKL's sgemm (aten::mm). On a CPU with AVX-512,
 # oneDNN's matmul, the kernel behind PyTorch's own CPU inference paths, is 10-25% faster on a training step's shapes
-# (measured fp32 on an AVX-512 EPYC, 2 threads), and reads a transposed operand in place, by its strides; so there,
-# fp32 nn.Linear layers run through OneDNNLinear. On an AVX2 CPU it is the other way round: MKL's sgemm is 5-35%
+# (measured fp32 on an AVX-512 EPYC, 2 threads), and reads a transposed weight in place, by its strides (a transposed
+# input it copies first: the weight's gradient, g^T x, stays with MKL); so there, fp32 nn.Linear layers run through
+# OneDNNLinear. On an AVX2 CPU it is the other way round: MKL's sgemm is 5-35%
 # faster than oneDNN's matmul on the same shapes, the gradients most (measured on an AVX2 EPYC, 2 threads), and
 # nn.Linear is left as it is.
 
@@ -138,8 +151,8 @@ def onednn_linear(x, weight, bias=None):
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """F.linear(x, weight, bias) of x (M, K) with its three matmuls through oneDNN: the output in forward; the
-    gradients of the input (g W) and of the weight (g^T x) in backward. The same products summed in another order:
+    """F.linear(x, weight, bias) of x (M, K) with the output (forward) and the input's gradient (g W, backward) through
+    oneDNN, and the weight's gradient (g^T x) through MKL. The same products summed in another order:
     within fp32 rounding of nn.Linear's (test_train.py checks the output and every gradient)."""
 
     @staticmethod
@@ -154,8 +167,8 @@ class OneDNNLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:                 # (M, N) @ (N, K): the linear whose weight is W^T, a (K, N) view
             grad_x = onednn_linear(g, weight.t())
-        if ctx.needs_input_grad[1]:                 # (N, M) @ (M, K): the linear of g^T whose weight is x^T
-            grad_w = onednn_linear(g.t(), x.t())
+        if ctx.needs_input_grad[1]:                 # (N, M) @ (M, K), by MKL, which reads g^T in place by its
+            grad_w = g.t().mm(x)                    # strides (oneDNN copies it first: ~0.3 s a step, 0.5 GB more)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
@@ -167,18 +180,26 @@ def cpu_linear(linear, x):
     if x.device.type == "cpu" and x.dtype == linear.weight.dtype == torch.float32 and \
             not torch.is_autocast_enabled("cpu"):
         # Every leading dim as rows: (M, K) -> (M, N). Reshaped here, outside the Function, so that its output may be
-        # changed in place (LoRA adds its update into it): a custom Function's output must not be a view.
+        # changed in place (LoRA adds its update into it): a custom Function's output must not be a view. A 2-D x
+        # (LoRA's) is not even viewed: an in-place change of a view would cost autograd a zero-filled copy of the
+        # whole output and an as_strided in backward (8% of a LoRA step on SmolLM2).
+        if x.dim() == 2:
+            return OneDNNLinear.apply(x, linear.weight, linear.bias)
         y = OneDNNLinear.apply(x.reshape(-1, x.size(-1)), linear.weight, linear.bias)
         return y.view(*x.shape[:-1], y.size(-1))
     return F.linear(x, linear.weight, linear.bias)
 
 
-def use_onednn_linears(model):
+def use_onednn_linears(model, compiled: bool = False):
     """Every plain nn.Linear of the model (LoRA's frozen bases too; not quantized ones) computes through cpu_linear.
-    The module stays an nn.Linear with its parameters: state dicts, FSDP and merging see no difference."""
+    The module stays an nn.Linear with its parameters: state dicts, FSDP and merging see no difference. compiled:
+    the blocks will be compiled; the linears stay outside dynamo's graphs (it breaks the graph at each, and inductor
+    fuses what lies between: norms, RoPE, SwiGLU), where inductor would have chosen MKL's matmuls, which made compiled
+    full finetuning of SmolLM2 slower than eager on an AVX-512 EPYC (142-158 against ~190 tokens/s; this way ~205)."""
     for module in model.modules():
         if type(module) is torch.nn.Linear:
-            module.forward = functools.partial(cpu_linear, module)
+            forward = functools.partial(cpu_linear, module)
+            module.forward = torch._dynamo.disable(forward) if compiled else forward
 
 
 def apply_method(model, recipe: Recipe):
@@ -324,8 +345,8 @@ def prepare_model(recipe: Recipe, env: Env):
     else:
         model = models.load(recipe.checkpoint_dir, device=home, dtype=dtype)
     model = apply_method(model, recipe)
-    if home.type == "cpu" and not env.xla and not recipe.compile and onednn_is_faster():
-        use_onednn_linears(model)                       # (compiled blocks: inductor chooses the CPU matmuls itself)
+    if home.type == "cpu" and not env.xla and onednn_is_faster():
+        use_onednn_linears(model, compiled=recipe.compile)
     if fsdp:
         shard_model(model, recipe, env)
     filled = set()
@@ -875,6 +896,8 @@ class Logger:
 
 
 def train(recipe: Recipe, env: Env) -> Path:
+    if env.device.type == "cpu":
+        keep_freed_cpu_memory()
     recipe = fit_micro_batch(recipe, env)
     recipe = checkpoint_by_name(recipe, env)
     start_run(recipe, env)

@@ -219,13 +219,13 @@ def test_freed_cpu_memory_is_kept_for_the_next_step():
     # After keep_freed_cpu_memory, a 113 MB block freed and allocated again (as SmolLM2's embedding gradient is, every
     # micro-batch) comes back without page faults; plain glibc hands it back to the kernel and faults it in again:
     # ~27k faults each time with 4 KB pages, 56 with transparent huge pages.
-    code = ("import json, resource, sys, torch, train\n"
-            "if sys.argv[1] == 'keep': train.keep_freed_cpu_memory()\n"
+    code = ("import contextlib, json, resource, sys, torch, train\n"
             "faults = []\n"
-            "for _ in range(8):\n"
-            "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "    torch.zeros(49152, 576)\n"
-            "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+            "with train.keep_freed_cpu_memory() if sys.argv[1] == 'keep' else contextlib.nullcontext():\n"
+            "    for _ in range(8):\n"
+            "        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "        torch.zeros(49152, 576)\n"
+            "        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
             "print(json.dumps(faults))\n")
     faults = {how: json.loads(subprocess.run([sys.executable, "-c", code, how], cwd=ROOT, capture_output=True,
                                              text=True, check=True).stdout) for how in ("keep", "plain")}

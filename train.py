@@ -89,22 +89,30 @@ def setup_env() -> Env:
     return Env(rank, world, local, device)
 
 
+@contextmanager
 def keep_freed_cpu_memory():
     """glibc's malloc gives every block of 32 MB or more back to the kernel when it is freed (and the free top of its
     heap, past a threshold), so a CPU training step, which frees and allocates again some hundred MB of activations,
     gradients and logits, page-faults it all in again: ~100k faults and 0.3-1 s of kernel time a step for SmolLM2
     full finetuning on 2 cores, and even more with transparent huge pages (which the kernel zeroes and compacts).
-    So every block comes from the heap (mmap off) and none of it is given back: after the first steps a step
-    faults ~15 times, and the process keeps its peak memory until it exits. Not glibc (macOS, musl): nothing."""
-    if not sys.platform.startswith("linux"):
-        return
+    So while training every block comes from the heap (mmap off) and none of it is given back: after the first steps
+    a step faults ~15 times. glibc's defaults come back at the end: the heap has no slack past a block's end, and
+    some torch kernels read past the end of their inputs (_weight_int8pack_mm crashed on it in a later test of the
+    same process). Not glibc (macOS, musl): nothing changes."""
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        mallopt = ctypes.CDLL(None).mallopt if sys.platform.startswith("linux") else None
     except (OSError, AttributeError):
-        return
+        mallopt = None
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                 # glibc's malloc.h
-    mallopt(M_MMAP_MAX, 0)
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    if mallopt:
+        mallopt(M_MMAP_MAX, 0)
+        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        if mallopt:
+            mallopt(M_MMAP_MAX, 65536)                    # glibc's defaults
+            mallopt(M_TRIM_THRESHOLD, 128 * 1024)
 
 
 def barrier(env: Env):
@@ -896,8 +904,11 @@ class Logger:
 
 
 def train(recipe: Recipe, env: Env) -> Path:
-    if env.device.type == "cpu":
-        keep_freed_cpu_memory()
+    with keep_freed_cpu_memory() if env.device.type == "cpu" else nullcontext():
+        return fit(recipe, env)
+
+
+def fit(recipe: Recipe, env: Env) -> Path:
     recipe = fit_micro_batch(recipe, env)
     recipe = checkpoint_by_name(recipe, env)
     start_run(recipe, env)

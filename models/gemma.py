@@ -672,7 +672,9 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x):
-        if x.device.type == "cpu" and not x.requires_grad:                     # the int8 kernel has no backward
+        # torch's int8 kernel has no backward, and on AVX-512 CPUs it gives wrong numbers (or crashes) for some widths
+        # that are not a multiple of 64 (1000, 904; every real model's are)
+        if x.device.type == "cpu" and not x.requires_grad and self.in_features % 64 == 0:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, self.scale)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:

@@ -96,9 +96,8 @@ def keep_freed_cpu_memory():
     gradients and logits, page-faults it all in again: ~100k faults and 0.3-1 s of kernel time a step for SmolLM2
     full finetuning on 2 cores, and even more with transparent huge pages (which the kernel zeroes and compacts).
     So while training every block comes from the heap (mmap off) and none of it is given back: after the first steps
-    a step faults ~15 times. glibc's defaults come back at the end: the heap has no slack past a block's end, and
-    some torch kernels read past the end of their inputs (_weight_int8pack_mm crashed on it in a later test of the
-    same process). Not glibc (macOS, musl): nothing changes."""
+    a step faults ~15 times. glibc's defaults come back at the end, for whatever the process does next (tests run
+    train() inside pytest's process). Not glibc (macOS, musl): nothing changes."""
     try:
         mallopt = ctypes.CDLL(None).mallopt if sys.platform.startswith("linux") else None
     except (OSError, AttributeError):

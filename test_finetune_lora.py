@@ -130,6 +130,22 @@ def test_lora_output_and_gradients_equal_the_formula(shape):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_lora_gives_the_formula_output_and_gradients():
+    # compile=true: dynamo traces the in-place addmm_ on the base output into the graph; the numbers stay.
+    torch.manual_seed(0)
+    lora = LoRALinear(torch.nn.Linear(12, 10), r=3, alpha=6)
+    torch.nn.init.normal_(lora.lora_b)
+    lora.base.requires_grad_(False)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    y = torch.compile(lora, fullgraph=True)(x)
+    expected = F.linear(x, lora.base.weight, lora.base.bias) + 2.0 * (x @ lora.lora_a.T @ lora.lora_b.T)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    up = torch.randn(y.shape)
+    wrt = (x, lora.lora_a, lora.lora_b)
+    for g, e in zip(torch.autograd.grad(y, wrt, up), torch.autograd.grad(expected, wrt, up)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
 def test_lora_wraps_the_named_linears_of_each_block():
     model = apply_lora(tiny("phi2"), targets=("qkv", "up", "gate_up"))       # phi-2 has up, no gate_up
     wrapped = sorted(name for name, m in model.named_modules() if isinstance(m, LoRALinear))

@@ -110,7 +110,8 @@ def bytes_per_token(model, positions: int) -> int:
             stored.update((id(t), t) for t in module.buffers())
     total = sum(t.numel() * t.element_size() for t in stored.values())
     embedding = model.tok_embeddings.weight
-    if getattr(model.lm_head, "weight", None) is not embedding:     # (a packed or quantized head has a copy)
+    head = getattr(model.lm_head, "weight", None)       # the tied table itself, or a view of it (GemvLinear's)
+    if head is None or head.data_ptr() != embedding.data_ptr():     # (a packed or quantized head has a copy)
         total -= (embedding.size(0) - 1) * embedding.size(1) * embedding.element_size()
     cache = model.layers[0].attn.kv_cache.k                                # (rows, K, S, D) per layer, k and v
     return total + 2 * len(model.layers) * cache.size(1) * positions * cache.size(3) * cache.element_size()

@@ -121,3 +121,23 @@ def test_without_a_compiler_decoding_uses_torch_and_says_so(tiny_dir, tmp_path):
     llm = LLM.load(tiny_dir)
     assert any(isinstance(m, gemv.GemvLinear) for m in llm.model.modules())
     assert without.stdout.strip() == llm.generate("Once upon a time", max_new_tokens=12, temperature=0).strip()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bench_counts_each_weight_once_behind_the_kernels(tied):
+    # bench_generate's bytes per token: a tied head read once (GemvLinear holds a view of the embedding table), an
+    # untied one read whole, and one embedding row; the same before and after the kernels' layers are swapped in.
+    import bench_generate
+    import generate
+    from models.llama import Config, Transformer
+    config = Config(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, dim=64, intermediate_size=96, max_seq_len=32,
+                    tie_embeddings=tied)
+    model = Transformer(config).eval()
+    model.setup_cache(1, 32)
+    weights = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("tok_embeddings")) * 4
+    kv = 2 * 2 * (2 * 16 * 16) * 4                                  # layers x (k, v) x (heads x positions x dim)
+    expected = weights + (256 * 64 * 4 if tied else 64 * 4) + kv            # the table, or one row of it
+    assert bench_generate.bytes_per_token(model, 16) == expected
+    generate.prepare_for_inference(model)
+    assert isinstance(model.lm_head, gemv.GemvLinear)
+    assert bench_generate.bytes_per_token(model, 16) == expected

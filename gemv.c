@@ -20,6 +20,15 @@
 #error "these kernels need AVX2 and FMA (x86-64 since 2013); gemv.py falls back to torch's kernels"
 #endif
 
+/* Each kernel asks for the weights PREFETCH bytes ahead of those it multiplies (rows are contiguous: near a row's
+   end, the next rows'). On a 2-core Intel Xeon (AVX-512) the hardware prefetchers alone kept a core's stream at 5-8
+   GB/s; with this, SmolLM2's block matrices streamed 10% (fp32), 25-45% (bf16) and 50-60% (int8) faster on 2
+   threads (1024 and 4096 bytes ahead did less well or no better). A prefetch never faults: past the end of W it is
+   harmless. */
+#define PREFETCH 2048
+
+static inline void prefetch(const void *p) { _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0); }
+
 static inline float sum8(__m256 v) {                    /* the 8 lanes of v, added */
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -59,6 +68,8 @@ static inline float dot(const float *x, const void *row, int64_t K, int int8) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
+        if (int8) prefetch((const int8_t *)row + k);                      /* 32 bytes a step */
+        else { prefetch((const float *)row + k); prefetch((const float *)row + k + 16); }   /* 128 bytes */
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), weights8(row, k, int8), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), weights8(row, k + 8, int8), a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), weights8(row, k + 16, int8), a2);
@@ -113,6 +124,7 @@ void gemv_bf16(const void *x, const uint32_t *w, const float *bias, void *y, int
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             int64_t p = 0;
             for (; p + 16 <= P; p += 16) {
+                prefetch(row + p);                                          /* 64 bytes a step */
                 __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + p));
                 __m256i w1 = _mm256_loadu_si256((const __m256i *)(row + p + 8));
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(e + p), _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), a0);

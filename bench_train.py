@@ -104,8 +104,8 @@ def flatlm_command(method, args, data, out_dir, compiled=False):
                 "optimizer.weight_decay": 0.0, "optimizer.betas": f"[{BETAS[0]}, {BETAS[1]}]", "optimizer.eps": EPS,
                 "optimizer.grad_clip": 0, "lora.r": LORA_R, "lora.alpha": LORA_ALPHA, "lora.dropout": 0.0,
                 "lora.targets": "[qkv, o, gate_up, down]", "lora.head": "false", "activation_checkpointing": "false",
-                "compile": str(compiled).lower(), "eval_interval": 0, "eval_batches": 1, "log_interval": 1, "save_interval": 0,
-                "seed": SEED}
+                "compile": str(compiled).lower(), "eval_interval": 0, "eval_batches": 1, "log_interval": 1,
+                "save_interval": 0, "seed": SEED}
     return [sys.executable, "train.py", str(RECIPE)] + [f"{k}={v}" for k, v in settings.items()]
 
 
@@ -185,8 +185,9 @@ def print_table(results, args, load_start):
             print(f"{r['config']:21} {trainable:>11}  failed: {r['error']}")
             continue
         train_peak = f"{r['train_peak_gib']:.2f}" if r["train_peak_gib"] is not None else "-"
+        first = f"{r['first_step_s']:.1f}" if r["first_step_s"] is not None else "-"
         print(f"{r['config']:21} {trainable:>11} {r['step_s']:8.2f} {r['tok_s']:9.1f} {train_peak:>15} "
-              f"{r['run_peak_gib']:13.2f} {r['first_step_s']:12.1f}")
+              f"{r['run_peak_gib']:13.2f} {first:>12}")
     by = {r["config"]: r for r in results if "error" not in r}
     for config in by:
         impl, method, *compiled = config.split(":")
@@ -194,8 +195,9 @@ def print_table(results, args, load_start):
         if impl == "flatlm" and theirs:
             memory = (f"{ours['train_peak_gib'] / theirs['train_peak_gib']:.2f}x peak memory in training"
                       if ours["train_peak_gib"] and theirs["train_peak_gib"] else "")
-            print(f"{method}{' compiled' if compiled else ''}: FlatLM vs LitGPT: {ours['tok_s'] / theirs['tok_s']:.2f}x "
-                  f"tokens/s, {memory}, {ours['run_peak_gib'] / theirs['run_peak_gib']:.2f}x peak memory over the run")
+            print(f"{method}{' compiled' if compiled else ''}: FlatLM vs LitGPT: "
+                  f"{ours['tok_s'] / theirs['tok_s']:.2f}x tokens/s, {memory}, "
+                  f"{ours['run_peak_gib'] / theirs['run_peak_gib']:.2f}x peak memory over the run")
 
 
 def main():

@@ -179,8 +179,13 @@ void attend_one(const void *q, const void *k, const void *v, const float *mask, 
         const int64_t b = bh / H, h = bh % H;
         const int64_t kv = (b * K + h / G) * S * D;          /* this head's keys and values start here */
         const float *m = mask + (mask_rows ? b * S : 0);
+        /* Only the positions between the first and the last the mask lets through: a decoding cache is longer than
+           what is written in it (LLM rounds its length up), and a masked position's weight is exactly 0 */
+        int64_t lo = 0, hi = S;
+        while (hi > 0 && m[hi - 1] == -INFINITY) hi--;
+        while (lo < hi && m[lo] == -INFINITY) lo++;
         float *scores = malloc(sizeof(float) * S), *out = malloc(sizeof(float) * D), top = -INFINITY;
-        for (int64_t s = 0; s < S; s++) {                    /* scores, and the largest */
+        for (int64_t s = lo; s < hi; s++) {                  /* scores, and the largest */
             __m256 acc = _mm256_setzero_ps();
             int64_t d = 0;
             for (; d + 8 <= D; d += 8)
@@ -194,7 +199,7 @@ void attend_one(const void *q, const void *k, const void *v, const float *mask, 
         }
         float total = 0;
         for (int64_t d = 0; d < D; d++) out[d] = 0;
-        for (int64_t s = 0; s < S && top > -INFINITY; s++) {  /* (every position masked: zeros, not NaN) */
+        for (int64_t s = lo; s < hi && top > -INFINITY; s++) {  /* (every position masked: zeros, not NaN) */
             float p = expf(scores[s] - top);                  /* softmax's numerator; masked positions give 0 */
             if (p == 0) continue;
             total += p;

@@ -23,9 +23,17 @@
 /* Each kernel asks for the weights PREFETCH bytes ahead of those it multiplies (rows are contiguous: near a row's
    end, the next rows'). On a 2-core Intel Xeon (AVX-512) the hardware prefetchers alone kept a core's stream at 5-8
    GB/s; with this, SmolLM2's block matrices streamed 10% (fp32), 25-45% (bf16) and 50-60% (int8) faster on 2
-   threads (1024 and 4096 bytes ahead did less well or no better). A prefetch never faults: past the end of W it is
-   harmless. */
+   threads (1024 and 4096 bytes ahead did less well or no better). On a 2-core AVX2 EPYC (Zen 3) the same made the
+   fp32 kernel 20% slower (17-21 GB/s against 22-27, alternating runs) and bf16 and int8 no slower (int8 5-10% faster):
+   there its hardware prefetcher keeps up with one fp32 stream, and the extra instructions only cost. So fp32 rows
+   are prefetched on CPUs with AVX-512 only (FP32_PREFETCH; measured on an Intel Xeon, not on an AMD one with AVX-512).
+   A prefetch never faults: past the end of W it is harmless. */
 #define PREFETCH 2048
+#ifdef __AVX512F__
+#define FP32_PREFETCH 1
+#else
+#define FP32_PREFETCH 0
+#endif
 
 static inline void prefetch(const void *p) { _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0); }
 
@@ -69,7 +77,7 @@ static inline float dot(const float *x, const void *row, int64_t K, int int8) {
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
         if (int8) prefetch((const int8_t *)row + k);                      /* 32 bytes a step */
-        else { prefetch((const float *)row + k); prefetch((const float *)row + k + 16); }   /* 128 bytes */
+        else if (FP32_PREFETCH) { prefetch((const float *)row + k); prefetch((const float *)row + k + 16); }
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), weights8(row, k, int8), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), weights8(row, k + 8, int8), a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), weights8(row, k + 16, int8), a2);

@@ -852,7 +852,7 @@ class Engine:
                 budget -= len(chunk)
             if seq.prefilled == len(seq.prompt_ids):
                 seq.position = seq.prefilled
-                self.accept(seq, self.model.output(h[0, -1:])[0])               # the last position's logits only
+                self.accept(seq, self.model.output(h[:, -1])[0])                   # the last position's logits only
             if budget <= 0:
                 return
 

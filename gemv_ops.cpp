@@ -1,7 +1,7 @@
-// gemv.c's kernels as torch operators, flatlm::gemv and flatlm::attend_one: what gemv.py loads (one library with
-// gemv.c, compiled on first use) and what the model files call while decoding on a CPU. An operator written in C++
-// costs about 6 us a call from Python, allocation included; the same operator with a Python body cost 16, and
-// ctypes with its Python wrapper 9-12: a decode step makes about 150 calls. torch.compile calls them as they are.
+// gemv.c's kernels as torch operators, flatlm::gemv, flatlm::attend_one and flatlm::rms_norm: what gemv.py loads (one
+// library with gemv.c, compiled on first use) and what decoding on a CPU calls. An operator written in C++ costs about
+// 6 us a call from Python, allocation included; the same operator with a Python body cost 16, and ctypes with its
+// Python wrapper 9-12: a decode step makes about 200 calls. torch.compile calls them as they are.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -16,6 +16,7 @@ void gemv_int8(const void *x, const int8_t *w, const uint16_t *scale, const floa
                int64_t N, int64_t K, int bf16);
 void attend_one(const void *q, const void *k, const void *v, const float *mask, int mask_rows, void *y, int64_t B,
                 int64_t H, int64_t K, int64_t S, int64_t D, float scale, float softcap, int bf16);
+void rms_norm(const void *x, const void *w, void *y, int64_t M, int64_t C, float eps, int offset, int bf16);
 }
 
 static bool fp32_or_bf16(const at::Tensor &t) {
@@ -86,12 +87,30 @@ static at::Tensor attend_one_op(const at::Tensor &q_in, const at::Tensor &k_in, 
     return y;
 }
 
+// A model file's RMSNorm: x (..., C) and weight (C,), both fp32 or both bf16 -> (..., C) in x's dtype. offset 0:
+// weight * normalised x (Llama, Qwen, Phi-3); 1: (1 + weight) * normalised x (Gemma). See gemv.c's rms_norm.
+static at::Tensor rms_norm_op(const at::Tensor &x_in, const at::Tensor &weight_in, double eps, int64_t offset) {
+    const int64_t C = weight_in.numel();
+    TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == C && weight_in.dim() == 1 && fp32_or_bf16(x_in) &&
+                    weight_in.scalar_type() == x_in.scalar_type() && (offset == 0 || offset == 1),
+                "flatlm::rms_norm: x (..., C) and weight (C,) must be both fp32 or both bf16 and offset 0 or 1, got ",
+                x_in.sizes(), " ", x_in.scalar_type(), ", ", weight_in.sizes(), " ", weight_in.scalar_type(), ", ",
+                offset);
+    const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+    at::Tensor y = at::empty_like(x);
+    rms_norm(x.const_data_ptr(), weight.const_data_ptr(), y.data_ptr(), x.numel() / C, C, static_cast<float>(eps),
+             static_cast<int>(offset), x.scalar_type() == at::kBFloat16);
+    return y;
+}
+
 TORCH_LIBRARY(flatlm, m) {
     m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor");
     m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float? softcap) -> Tensor");
+    m.def("rms_norm(Tensor x, Tensor weight, float eps, int offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flatlm, CPU, m) {
     m.impl("gemv", &gemv);
     m.impl("attend_one", &attend_one_op);
+    m.impl("rms_norm", &rms_norm_op);
 }

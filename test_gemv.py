@@ -67,6 +67,49 @@ def test_many_rows_go_to_the_layer_itself():
         assert torch.equal(gemv.GemvLinear(layer)(x), layer(x))
 
 
+NORMS = {"llama": 0, "qwen": 0, "phi": 0, "gemma": 1}          # model file -> offset: weight * n, (1 + weight) * n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", NORMS)
+def test_rms_norm_kernel_computes_each_model_files_norm(family, dtype):
+    import importlib
+    torch.manual_seed(len(family))
+    norm = importlib.import_module(f"models.{family}").RMSNorm(576, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    assert gemv.rms_norm_offset(norm) == NORMS[family]                 # found by trying both against the norm
+    fast = gemv.GemvRMSNorm(norm, NORMS[family])
+    x = (torch.randn(2, 5, 576) * 3).to(dtype)
+    with torch.no_grad():
+        ours, theirs = fast(x), norm(x)
+        assert ours.dtype == dtype and ours.shape == x.shape
+        n = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        w = norm.weight.double() + NORMS[family]
+        if dtype == torch.float32:       # fp32 throughout: as close to float64 as torch's ops (the sum's order differs)
+            exact = n * w
+            assert (ours.double() - exact).abs().max() <= 2 * (theirs.double() - exact).abs().max() + 1e-6
+        else:                            # bf16: the model file's roundings, reproduced exactly
+            assert torch.equal(ours, theirs)
+        rows = x.reshape(10, 576)        # each row alone: the same numbers as in the batch
+        assert torch.equal(torch.cat([fast(rows[m:m + 1]) for m in range(10)]), fast(rows))
+
+
+def test_norms_the_kernel_does_not_compute_stay_as_they_are():
+    from models import llama
+
+    class RMSNorm(llama.RMSNorm):       # a forked model file's norm, edited: no longer either formula
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    edited = RMSNorm(64, 1e-5)
+    assert gemv.rms_norm_offset(edited) is None
+    assert gemv.rms_norm_offset(nn.LayerNorm(64)) is None              # (Phi-2's; torch's is one kernel already)
+    model = nn.Sequential(nn.Linear(64, 64), edited, llama.RMSNorm(64, 1e-5))
+    assert gemv.use_for_decoding(model)
+    assert isinstance(model[0], gemv.GemvLinear) and model[1] is edited and isinstance(model[2], gemv.GemvRMSNorm)
+
+
 def reference_attention(q, k, v, mask, scale, softcap):
     # the model files' explicit path in float64: scores, the cap (Gemma 2), the mask, softmax, weighted values
     G = q.size(1) // k.size(1)

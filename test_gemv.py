@@ -67,6 +67,18 @@ def test_many_rows_go_to_the_layer_itself():
         assert torch.equal(gemv.GemvLinear(layer)(x), layer(x))
 
 
+def test_a_prompt_of_bf16_rows_goes_to_the_kernel_where_torchs_bf16_matmul_is_slow():
+    layer, _ = layers(300, 576, torch.bfloat16)
+    fast = gemv.GemvLinear(layer)
+    x = torch.randn(3 * gemv.MAX_ROWS, 576).to(torch.bfloat16)
+    with torch.no_grad():
+        rows = torch.cat([fast(x[m:m + 1]) for m in range(len(x))])       # one row at a time: the kernel's
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():                   # bf16 instructions: torch's kernel
+            assert torch.equal(fast(x), layer(x))
+        else:
+            assert torch.equal(fast(x), rows)
+
+
 NORMS = {"llama": 0, "qwen": 0, "phi": 0, "gemma": 1}          # model file -> offset: weight * n, (1 + weight) * n
 
 

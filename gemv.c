@@ -15,6 +15,7 @@
 #include <string.h>
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
 #error "these kernels need AVX2 and FMA (x86-64 since 2013); gemv.py falls back to torch's kernels"
@@ -88,6 +89,62 @@ static inline float dot(const float *x, const void *row, int64_t K, int int8) {
     return s;
 }
 
+/* R rows of x (R = 1 to 3, each K long) . one row of W over K, fp32 or int8: sums[r]. Each row has its own four
+   accumulators, in the same order whatever R, so each sum is the same bit for bit; R rows at once load and widen each
+   weight once for all of them (a prompt's or a batch's rows: 1.3-2x faster than one row at a time). */
+static inline __attribute__((always_inline)) void dot_rows(const float *x, const void *row, int64_t K, int int8,
+                                                           int R, float *sums) {
+    __m256 a[3][4];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        if (int8) prefetch((const int8_t *)row + k);                      /* 32 bytes a step */
+        else if (FP32_PREFETCH) { prefetch((const float *)row + k); prefetch((const float *)row + k + 16); }
+        for (int j = 0; j < 4; j++) {
+            __m256 w = weights8(row, k + 8 * j, int8);
+            for (int r = 0; r < R; r++) a[r][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8 * j), w, a[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float s = sum_acc(a[r][0], a[r][1], a[r][2], a[r][3]);
+        for (int64_t i = k; i < K; i++) s += x[r * K + i] * (int8 ? ((const int8_t *)row)[i] : ((const float *)row)[i]);
+        sums[r] = s;
+    }
+}
+
+/* y[m, n] = x[m] . W[n] (times scale[n] for int8, plus bias[n]) for every m and for this thread's share of n (a
+   contiguous range, as `omp for schedule(static)` would give it), into y (M, N) in fp32 or bf16. The range goes in
+   tiles of W's rows that stay in the core's L2 cache (128 KB), each tile three rows of x at a time (they stay in L1):
+   a row of W meets three of x in registers, and W comes from memory once. For one row of x: the plain loop over n. */
+static inline __attribute__((always_inline)) void gemv_share(const float *x, const void *w, const uint16_t *scale,
+                                                             const float *bias, void *y, int64_t M, int64_t N,
+                                                             int64_t K, int int8, int bf16) {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads(), n0 = N * t / T, n1 = N * (t + 1) / T;
+    const int64_t row_bytes = K * (int8 ? 1 : 4), tile = row_bytes >= (128 << 10) ? 1 : (128 << 10) / row_bytes;
+    if (M == 1) {                /* decoding one sequence: dot() is dot_rows() for one row, and 10-25% faster */
+        for (int64_t n = n0; n < n1; n++) {
+            float v = dot(x, (const char *)w + n * row_bytes, K, int8) * (int8 ? bf16_to_f32(scale[n]) : 1.0f);
+            store(y, n, bias ? v + bias[n] : v, bf16);
+        }
+        return;
+    }
+    for (int64_t nt = n0; nt < n1; nt += tile)
+        for (int64_t m = 0; m < M; m += 3) {
+            const int64_t R = M - m < 3 ? M - m : 3;
+            for (int64_t n = nt; n < n1 && n < nt + tile; n++) {
+                const void *row = (const char *)w + n * row_bytes;
+                float sums[3];
+                if (R == 3) dot_rows(x + m * K, row, K, int8, 3, sums);
+                else if (R == 2) dot_rows(x + m * K, row, K, int8, 2, sums);
+                else dot_rows(x + m * K, row, K, int8, 1, sums);
+                for (int64_t r = 0; r < R; r++) {
+                    float v = int8 ? sums[r] * bf16_to_f32(scale[n]) : sums[r];
+                    store(y, (m + r) * N + n, bias ? v + bias[n] : v, bf16);
+                }
+            }
+        }
+}
+
 /* x in fp32, or bf16 widened to fp32 once here (into a buffer the caller frees: NULL when x already is fp32) */
 static const float *fp32_rows(const void *x, int x_bf16, int64_t n, float **owned) {
     *owned = NULL;
@@ -102,12 +159,8 @@ void gemv_f32(const void *x_in, const float *w, const float *bias, void *y, int6
               int bf16) {
     float *owned;
     const float *x = fp32_rows(x_in, bf16, M * K, &owned);
-    #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++) {
-            float s = dot(x + m * K, w + n * K, K, 0);
-            store(y, m * N + n, bias ? s + bias[n] : s, bf16);
-        }
+    #pragma omp parallel
+    gemv_share(x, w, NULL, bias, y, M, N, K, 0, bf16);
     free(owned);
 }
 
@@ -155,12 +208,8 @@ void gemv_int8(const void *x_in, const int8_t *w, const uint16_t *scale, const f
                int64_t N, int64_t K, int bf16) {
     float *owned;
     const float *x = fp32_rows(x_in, bf16, M * K, &owned);
-    #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++) {
-            float s = dot(x + m * K, w + n * K, K, 1) * bf16_to_f32(scale[n]);
-            store(y, m * N + n, bias ? s + bias[n] : s, bf16);
-        }
+    #pragma omp parallel
+    gemv_share(x, w, scale, bias, y, M, N, K, 1, bf16);
     free(owned);
 }
 

@@ -9,6 +9,7 @@ about 15 s) into ~/.cache/flatlm (FLATLM_CACHE elsewhere) and loaded with torch.
 be (no compiler, a CPU without AVX2, FLATLM_GEMV=0) nothing is swapped and torch's kernels decode, as before.
 """
 
+import functools
 import hashlib
 import os
 import platform
@@ -23,10 +24,11 @@ import torch.utils.cpp_extension
 SOURCES = [Path(__file__).with_name("gemv.c"), Path(__file__).with_name("gemv_ops.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 # Up to this many rows (sequences decoding at once, speculative decoding's guesses) the kernels read W once for all
-# of them; more rows (a prompt) are a matrix product, for torch's kernels. But for bf16 weights on a CPU without bf16
-# instructions (no AVX-512 BF16 or AMX: torch.ops.mkldnn._is_mkldnn_bf16_supported()), where torch's bf16 matmul
-# converts its blocks to fp32 and back: gemv's kernel for any number of rows, 3.3-3.5x faster at 40 and 100 rows on
-# SmolLM2's block matrices on a 2-core AVX2 EPYC (157 ms against 543 for 40 rows, 30 layers).
+# of them; more rows (a prompt) are a matrix product, for torch's kernels. But gemv's kernels take any number of rows
+# where they measured faster than torch's (SmolLM2's block matrices, 30 layers, on a 2-core AVX2 EPYC; fast_rows()):
+# bf16 weights on a CPU without bf16 instructions (no AVX-512 BF16 or AMX), where torch's bf16 matmul converts its
+# blocks to fp32 and back (40 rows: 157 ms against 543), and int8 weights on a CPU without AVX-512 (40 rows: 101 ms
+# against torch._weight_int8pack_mm's 151-154; 200 rows: 413-471 against 615-763).
 MAX_ROWS = 16
 
 _library = None           # True once loaded; False once the kernels turned out unavailable
@@ -36,6 +38,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLATLM_CACHE", Path.home() / ".cache" / "flatlm"))
 
 
+@functools.cache
 def cpu_flags() -> str:
     try:
         return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
@@ -123,17 +126,22 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 decode_attention = attend_one
 
 
+def fast_rows(dtype: torch.dtype) -> bool:
+    """Whether gemv's kernels multiply any number of rows faster than torch's here, for weights of this dtype."""
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.int8 and "avx512f" not in cpu_flags()
+
+
 class GemvLinear(nn.Module):
     """A linear layer (nn.Linear, or a model file's Int8Linear) that multiplies up to MAX_ROWS rows with gemv.c's
-    kernels (any number, for bf16 weights on a CPU without bf16 instructions) and more rows with the layer itself.
-    Inference only."""
+    kernels (any number where fast_rows says so) and more rows with the layer itself. Inference only."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
-        self.max_rows = MAX_ROWS                                # generate.Engine raises it to its batch size
-        if layer.weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            self.max_rows = sys.maxsize                         # a prompt too: torch's bf16 matmul is slow here
+        # generate.Engine raises max_rows to its batch size
+        self.max_rows = sys.maxsize if fast_rows(layer.weight.dtype) else MAX_ROWS
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.weight = layer.weight.detach().contiguous()       # (N, K): row-major, as the kernels read it
         self.scale = getattr(layer, "scale", None)

@@ -67,16 +67,15 @@ def test_many_rows_go_to_the_layer_itself():
         assert torch.equal(gemv.GemvLinear(layer)(x), layer(x))
 
 
-def test_a_prompt_of_bf16_rows_goes_to_the_kernel_where_torchs_bf16_matmul_is_slow():
-    layer, _ = layers(300, 576, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "int8"])
+def test_a_prompt_goes_to_the_kernel_where_it_is_faster_than_torchs(dtype):
+    layer, x_dtype = layers(300, 576, dtype)
     fast = gemv.GemvLinear(layer)
-    x = torch.randn(3 * gemv.MAX_ROWS, 576).to(torch.bfloat16)
+    x = torch.randn(3 * gemv.MAX_ROWS + 1, 576).to(x_dtype)
     with torch.no_grad():
         rows = torch.cat([fast(x[m:m + 1]) for m in range(len(x))])       # one row at a time: the kernel's
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():                   # bf16 instructions: torch's kernel
-            assert torch.equal(fast(x), layer(x))
-        else:
-            assert torch.equal(fast(x), rows)
+        expected = rows if gemv.fast_rows(layer.weight.dtype) else layer(x)
+        assert torch.equal(fast(x), expected)
 
 
 NORMS = {"llama": 0, "qwen": 0, "phi": 0, "gemma": 1}          # model file -> offset: weight * n, (1 + weight) * n

@@ -6,7 +6,8 @@
    on this project's 2-core AVX2 EPYC they stream SmolLM2-135M's block weights at 8-14 GB/s, these at 17-25.
    What makes them fast is little: each output row is one thread's dot product over a contiguous row of W, in four
    independent accumulators (an FMA waits four cycles for its result: four chains keep the unit busy), with the
-   weights converted to fp32 in registers, never in memory.
+   weights converted to fp32 in registers, never in memory. Several rows of x (a batch, a prompt) meet each row of W
+   three at a time, so that a weight is loaded and converted once for three of them.
 
    Every output element is computed by one thread in one fixed order, whatever the number of rows M and threads:
    a sequence's numbers do not depend on what else is in the batch (generate.py's engine relies on it). */

@@ -153,9 +153,9 @@ def bench_flatlm(args, mode, compile, prompt_ids):
         dtype = torch.float32 if quantize else getattr(torch, mode)   # quantized: fp32 activations, as generate.py
         llm = generate.LLM.load(args.checkpoint, device=args.device, dtype=dtype, quantize=quantize, compile=compile)
     load_s = time.perf_counter() - t0
-    llm.setup_cache(len(prompt_ids) + args.new_tokens)
     best_ttft, best_tps = float("inf"), 0.0
-    with torch.inference_mode():
+    with llm.decoding_mode():                            # (inference mode, but for compiled CPU decoding: no_grad)
+        llm.setup_cache(len(prompt_ids) + args.new_tokens)
         for i in range(args.repeats + 1):                # the first run warms up
             stats = generate.Stats()
             tokens = list(generate.generate_tokens(llm.model, prompt_ids, args.new_tokens, generate.Sampling(), (),

@@ -17,6 +17,7 @@ tokens/s, time to first token and peak memory go to stderr.
 """
 
 import argparse
+import hashlib
 import sys
 import threading
 import time
@@ -133,14 +134,21 @@ class CompiledBlocks:
     over 30 layers, takes about 30 s. Inductor fuses each block's small ops (norms, RoPE, the softmax, residual adds)
     into a few C++ loops; the matmuls and one-query attention stay the eager kernels, called as operators (gemv.c's,
     PackedLinear's, the int8 and int4 ones). Prefill, and speculative decoding's verification, run eagerly: a graph per
-    prompt length would cost more than it saves. Compiling costs 3-8 s with inductor's on-disk cache warm, about 20 s
-    cold: it pays off after a thousand tokens or more, so it stays opt-in (--compile), for long generations and chat
-    sessions.
+    prompt length would cost more than it saves. It stays opt-in (--compile), for long generations and chat sessions.
 
     A graph is compiled ahead of time (aot_compile) and checked against a block once, by dynamo's guards, the first
     time that block runs with arguments of new shapes (a new cache length, batch, thread count); from then on it runs
     without them. A guarded call of a compiled function costs 50-90 us on this project's 2-core EPYC, 30 of them a
-    token: SmolLM2-135M int8, 30 blocks took 14.2 ms guarded and 10.9 ms without (eager 17.3)."""
+    token: SmolLM2-135M int8, 30 blocks took 14.2 ms guarded and 10.9 ms without (eager 17.3).
+
+    Each graph is saved (torch's save_compiled_function) in cache_dir() and loaded by the next process that needs it,
+    checked by its guards all the same: aot_compile's graphs miss torch's own caches (torch 2.13 names each one with a
+    random uuid, which is part of the key), so without this every process compiled each graph anew, 2.5-4 s each on a
+    2-core EPYC (two per model: ThreadTunedDecode's thread counts), against 0.1 s to load one (and ~1.5 s to import
+    inductor, once). Loaded guards check tensors as they are outside inference mode (an inference tensor fails
+    them), so compiled decoding runs under no_grad (LLM.decoding_mode)."""
+
+    CACHE_FORMAT = 1          # part of each saved graph's file name: raise it when what a graph depends on changes
 
     def __init__(self, model):
         self.layers = model.layers
@@ -153,6 +161,35 @@ class CompiledBlocks:
             return arg.shape, arg.stride(), arg.dtype, arg.device
         return (arg.start, arg.stop, arg.step) if isinstance(arg, slice) else arg
 
+    def saved_path(self, block: nn.Module, args: tuple) -> Path:
+        """Where a graph for this block and these arguments is saved: a name from everything it is compiled from
+        (torch, the CPU, the block's code and structure, the argument shapes, the thread count and grad modes)."""
+        import inspect                            # (only here: compiled decoding's start)
+        source = inspect.getsource(sys.modules[type(block).__module__])
+        key = "\0".join(map(str, [self.CACHE_FORMAT, torch.__version__, sys.version, gemv.cpu_flags(), source,
+                                   inspect.getsource(gemv), block, [self.signature(a) for a in args],
+                                   torch.get_num_threads(), torch.is_inference_mode_enabled(),
+                                   torch.is_grad_enabled()]))
+        return gemv.cache_dir() / "compiled" / f"block-{hashlib.sha256(key.encode()).hexdigest()[:24]}.bin"
+
+    def load_or_compile(self, block: nn.Module, args: tuple):
+        path = self.saved_path(block, args)
+        if path.is_file():
+            try:
+                with open(path, "rb") as f:
+                    graph = torch.compiler.load_compiled_function(f)
+                if graph.guard_check(block, *args):
+                    return graph
+            except Exception:                     # another torch wrote it, or half of it: compile anew
+                pass
+        graph = torch.compile(type(block).forward, fullgraph=True, dynamic=False).aot_compile(((block, *args), {}))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            graph.save_compiled_function(str(path))           # (written to a temporary name and renamed)
+        except Exception as e:                   # a graph torch cannot save, a read-only cache: compiled each time
+            print(f"generate: compiled decoding not saved ({type(e).__name__}: {e})", file=sys.stderr)
+        return graph
+
     def graph(self, i: int, block: nn.Module, args: tuple):
         key = (i, torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
                *map(self.signature, args))
@@ -162,8 +199,7 @@ class CompiledBlocks:
             try:
                 graph = next((g for g in self.graphs if g.guard_check(block, *args)), None)
                 if graph is None:
-                    compiled = torch.compile(type(block).forward, fullgraph=True, dynamic=False)
-                    graph = compiled.aot_compile(((block, *args), {}))
+                    graph = self.load_or_compile(block, args)
                     graph.disable_guard_check()             # checked here, once per block and key
                     self.graphs.append(graph)
             finally:
@@ -939,20 +975,25 @@ class LLM:
         if self.device.type == "cpu" and torch.get_num_threads() > 1:
             self.decode_fn = ThreadTunedDecode(self.decode_fn)
 
-    @torch.inference_mode()
+    def decoding_mode(self):
+        """The grad mode this LLM decodes in: inference_mode, but no_grad for compiled decoding on a CPU (the guards
+        of CompiledBlocks' saved graphs fail on inference tensors)."""
+        return torch.no_grad() if self.compiled and self.device.type == "cpu" else torch.inference_mode()
+
     def warm_up(self):
         # Compile now, on throwaway steps at position 0, not in the stats: on a CPU for both thread counts that
         # ThreadTunedDecode may choose (a compiled graph is for one thread count).
-        self.setup_cache(1)
-        zero = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        threads = torch.get_num_threads()
-        try:
-            for n in sorted({threads, 1}) if self.device.type == "cpu" else [threads]:
-                torch.set_num_threads(n)
-                for _ in range(2):
-                    self.decode_fn(self.model, zero, zero[0], Sampling())
-        finally:
-            torch.set_num_threads(threads)
+        with self.decoding_mode():
+            self.setup_cache(1)
+            zero = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            threads = torch.get_num_threads()
+            try:
+                for n in sorted({threads, 1}) if self.device.type == "cpu" else [threads]:
+                    torch.set_num_threads(n)
+                    for _ in range(2):
+                        self.decode_fn(self.model, zero, zero[0], Sampling())
+            finally:
+                torch.set_num_threads(threads)
 
     @classmethod
     def load(cls, checkpoint_dir, device=None, dtype=None, quantize=None, compile=False, draft=None,
@@ -1009,11 +1050,14 @@ class LLM:
         s.check()
         return s
 
-    @torch.inference_mode()
     def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature=None, top_k=None,
                    top_p=None, seed=None, speculate_k: int = SPECULATE_K, prompt_lookup: int | None = None):
         """Yield text pieces of the continuation of prompt_ids, as they decode. With a draft model, speculative
         decoding with speculate_k guesses per step; prompt_lookup=N: N guesses per step copied from the text."""
+        return self.decoding_mode()(self._stream_ids)(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
+                                                      speculate_k, prompt_lookup)
+
+    def _stream_ids(self, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, speculate_k, prompt_lookup):
         s = self.sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -1060,8 +1104,9 @@ class LLM:
         else:
             length = min(-(-length // CACHE_BUCKET) * CACHE_BUCKET, context)
         cache = self.model.layers[0].attn.kv_cache
-        if cache is None or cache.k.size(0) != 1 or cache.k.size(2) < length:   # (the engine's has many rows)
-            self.model.setup_cache(1, length, self.device)
+        if cache is None or cache.k.size(0) != 1 or cache.k.size(2) < length or \
+                cache.k.is_inference() and not torch.is_inference_mode_enabled():   # (the engine's has many rows;
+            self.model.setup_cache(1, length, self.device)                       # it runs in inference mode)
 
     def stream(self, prompt: str, **kwargs):
         yield from self.stream_ids(self.tokenizer.encode(prompt), **kwargs)

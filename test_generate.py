@@ -2,6 +2,7 @@
 generation close to it, sampling controls, EOS, streaming, the CLI and its errors."""
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -180,6 +181,28 @@ def test_compiled_cpu_decoding_is_as_accurate_as_eager(family, tmp_path):
         compiled_error = (decode_logits(model, tokens, compiled) - reference).abs().max()
         assert compiled_error <= 1.5 * eager_error, (dtype, quantize, compiled_error, eager_error)
         assert not any("forward" in vars(block) for block in model.layers)     # the eager forward is back
+
+
+@pytest.mark.slow
+def test_compiled_decoding_is_saved_for_the_next_process(tiny_dir, tmp_path):
+    # CompiledBlocks saves each graph in the cache dir; a second process loads them (its guards pass: nothing is
+    # compiled or written again) and decodes the same tokens
+    import shutil
+    import gemv
+    shutil.copy(gemv.build(), tmp_path)              # the kernels as built here: not compiled again in tmp_path
+    code = ("import sys; from generate import LLM; llm = LLM.load(sys.argv[1], compile=True); "
+            "print(llm.generate('Once upon a time', max_new_tokens=12, temperature=0))")
+    env = {**os.environ, "FLATLM_CACHE": str(tmp_path)}
+
+    def run():
+        result = subprocess.run([sys.executable, "-c", code, str(tiny_dir)], env=env, capture_output=True, text=True,
+                                timeout=600, cwd=Path(__file__).parent)
+        assert result.returncode == 0, result.stderr
+        return result.stdout, {f.name: f.stat().st_mtime_ns for f in (tmp_path / "compiled").iterdir()}
+
+    text, saved = run()
+    assert len(saved) == len({1, torch.get_num_threads()})           # a graph per thread count ThreadTunedDecode tries
+    assert run() == (text, saved)
 
 
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():

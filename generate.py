@@ -163,11 +163,14 @@ class CompiledBlocks:
 
     def saved_path(self, block: nn.Module, args: tuple) -> Path:
         """Where a graph for this block and these arguments is saved: a name from everything it is compiled from
-        (torch, the CPU, the block's code and structure, the argument shapes, the thread count and grad modes)."""
+        (torch, the CPU, the code of the block, gemv.py and this file, the block's structure and weights' dtypes, the
+        argument shapes, the thread count and grad modes)."""
         import inspect                            # (only here: compiled decoding's start)
         source = inspect.getsource(sys.modules[type(block).__module__])
         key = "\0".join(map(str, [self.CACHE_FORMAT, torch.__version__, sys.version, gemv.cpu_flags(), source,
-                                   inspect.getsource(gemv), block, [self.signature(a) for a in args],
+                                   inspect.getsource(gemv), inspect.getsource(sys.modules[__name__]), block,
+                                   [(name, t.dtype, t.shape) for name, t in block.state_dict().items()],
+                                   [self.signature(a) for a in args],
                                    torch.get_num_threads(), torch.is_inference_mode_enabled(),
                                    torch.is_grad_enabled()]))
         return gemv.cache_dir() / "compiled" / f"block-{hashlib.sha256(key.encode()).hexdigest()[:24]}.bin"

@@ -37,7 +37,8 @@
 #define FP32_PREFETCH 0
 #endif
 
-static inline void prefetch(const void *p) { _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0); }
+/* (an asm statement, not _mm_prefetch: GCC 12's dead-code elimination drops the intrinsic from dot_rows' loop) */
+static inline void prefetch(const void *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*((const char *)p + PREFETCH))); }
 
 static inline float sum8(__m256 v) {                    /* the 8 lanes of v, added */
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -68,48 +69,54 @@ static inline __m256 int8x8(const int8_t *p) {          /* 8 int8 -> 8 fp32 */
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* 8 weights of a row from k on, widened to fp32 (int8 is a constant where this is inlined: no branch is left) */
-static inline __m256 weights8(const void *row, int64_t k, int int8) {
-    return int8 ? int8x8((const int8_t *)row + k) : _mm256_loadu_ps((const float *)row + k);
+/* How W's elements are stored. bf16 rows are read as 32-bit words, each a pair of bf16: the even element in the low
+   half, the odd one in the high half. Widening the odd ones is a mask (the high half already is an fp32) and the even
+   ones a shift: two instructions for 16 weights. So in a block of 32 elements the kernel meets the weights in the
+   order (even elements of the first 16, odd of the first 16, even of the last 16, odd of the last 16), and x is put
+   in that order once per call (x_rows) to be multiplied with them. */
+enum { W_F32, W_INT8, W_BF16 };
+
+static inline int64_t element_bytes(int kind) { return kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1; }
+
+/* The j-th 8 weights (j = 0 to 3) of the 32-element block of a row at k, widened to fp32, in x_rows' order
+   (kind is a constant wherever this is inlined: no branch is left) */
+static inline __m256 weights8(const void *row, int64_t k, int j, int kind) {
+    if (kind == W_F32) return _mm256_loadu_ps((const float *)row + k + 8 * j);
+    if (kind == W_INT8) return int8x8((const int8_t *)row + k + 8 * j);
+    __m256i pairs = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k + 16 * (j >> 1)));
+    return _mm256_castsi256_ps(j & 1 ? _mm256_and_si256(pairs, _mm256_set1_epi32((int)0xffff0000u))
+                                     : _mm256_slli_epi32(pairs, 16));
 }
 
-/* x . row over K: fp32 or int8 row */
-static inline float dot(const float *x, const void *row, int64_t K, int int8) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        if (int8) prefetch((const int8_t *)row + k);                      /* 32 bytes a step */
-        else if (FP32_PREFETCH) { prefetch((const float *)row + k); prefetch((const float *)row + k + 16); }
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), weights8(row, k, int8), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), weights8(row, k + 8, int8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), weights8(row, k + 16, int8), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), weights8(row, k + 24, int8), a3);
-    }
-    float s = sum_acc(a0, a1, a2, a3);
-    for (; k < K; k++) s += x[k] * (int8 ? ((const int8_t *)row)[k] : ((const float *)row)[k]);
-    return s;
+static inline float weight1(const void *row, int64_t k, int kind) {       /* element k, for a row's last < 32 */
+    if (kind == W_F32) return ((const float *)row)[k];
+    if (kind == W_INT8) return ((const int8_t *)row)[k];
+    return bf16_to_f32(((const uint16_t *)row)[k]);
 }
 
-/* R rows of x (R = 1 to 3, each K long) . one row of W over K, fp32 or int8: sums[r]. Each row has its own four
+/* R rows of x (R = 1 to 3, each K long, in x_rows' order) . one row of W over K: sums[r]. Each row has its own four
    accumulators, in the same order whatever R, so each sum is the same bit for bit; R rows at once load and widen each
-   weight once for all of them (a prompt's or a batch's rows: 1.3-2x faster than one row at a time). */
-static inline __attribute__((always_inline)) void dot_rows(const float *x, const void *row, int64_t K, int int8,
-                                                           int R, float *sums) {
+   weight once for all of them (a prompt's or a batch's rows: 1.3-2x faster than one row at a time). fetch: prefetch
+   the row's weights (one row of x, where W streams from memory once; several rows of x re-read a tile of W from L2,
+   and prefetching there made int8 16 rows 1.6x slower). */
+static inline __attribute__((always_inline)) void dot_rows(const float *x, const void *row, int64_t K, int kind,
+                                                           int R, int fetch, float *sums) {
     __m256 a[3][4];
     for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        if (int8) prefetch((const int8_t *)row + k);                      /* 32 bytes a step */
-        else if (FP32_PREFETCH) { prefetch((const float *)row + k); prefetch((const float *)row + k + 16); }
+        if (fetch && (kind != W_F32 || FP32_PREFETCH))          /* a step is 32, 64 or 128 bytes of W: a line per */
+            prefetch((const char *)row + k * element_bytes(kind));                       /* 64 bytes, at most 2 */
+        if (fetch && kind == W_F32 && FP32_PREFETCH) prefetch((const char *)row + k * 4 + 64);
         for (int j = 0; j < 4; j++) {
-            __m256 w = weights8(row, k + 8 * j, int8);
-            if (!int8 && R > 1) __asm__("" : "+x"(w));   /* one load for the R rows, not R */
+            __m256 w = weights8(row, k, j, kind);
+            if (kind == W_F32 && R > 1) __asm__("" : "+x"(w));   /* one load for the R rows, not R (GCC reloads) */
             for (int r = 0; r < R; r++) a[r][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8 * j), w, a[r][j]);
         }
     }
     for (int r = 0; r < R; r++) {
         float s = sum_acc(a[r][0], a[r][1], a[r][2], a[r][3]);
-        for (int64_t i = k; i < K; i++) s += x[r * K + i] * (int8 ? ((const int8_t *)row)[i] : ((const float *)row)[i]);
+        for (int64_t i = k; i < K; i++) s += x[r * K + i] * weight1(row, i, kind);
         sums[r] = s;
     }
 }
@@ -117,142 +124,73 @@ static inline __attribute__((always_inline)) void dot_rows(const float *x, const
 /* y[m, n] = x[m] . W[n] (times scale[n] for int8, plus bias[n]) for every m and for this thread's share of n (a
    contiguous range, as `omp for schedule(static)` would give it), into y (M, N) in fp32 or bf16. The range goes in
    tiles of W's rows that stay in the core's L2 cache (128 KB), each tile three rows of x at a time (they stay in L1):
-   a row of W meets three of x in registers, and W comes from memory once. For one row of x: the plain loop over n. */
-static inline __attribute__((always_inline)) void gemv_share(const float *x, const void *w, const uint16_t *scale,
-                                                             const float *bias, void *y, int64_t M, int64_t N,
-                                                             int64_t K, int int8, int bf16) {
+   a row of W meets three of x in registers, and W comes from memory once. */
+static inline __attribute__((always_inline)) void gemv_share(const float *x, const void *w, int kind,
+                                                             const uint16_t *scale, const float *bias, void *y,
+                                                             int64_t M, int64_t N, int64_t K, int bf16) {
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads(), n0 = N * t / T, n1 = N * (t + 1) / T;
-    const int64_t row_bytes = K * (int8 ? 1 : 4), tile = row_bytes >= (128 << 10) ? 1 : (128 << 10) / row_bytes;
-    if (M == 1) {                /* decoding one sequence: dot() is dot_rows() for one row, and 10-25% faster */
-        for (int64_t n = n0; n < n1; n++) {
-            float v = dot(x, (const char *)w + n * row_bytes, K, int8) * (int8 ? bf16_to_f32(scale[n]) : 1.0f);
-            store(y, n, bias ? v + bias[n] : v, bf16);
-        }
-        return;
+    const int64_t row_bytes = K * element_bytes(kind), tile = row_bytes >= (128 << 10) ? 1 : (128 << 10) / row_bytes;
+    for (int64_t n = n0; n < n1 && M == 1; n++) {          /* one row of x (decoding one sequence): no tiles */
+        float sum;
+        dot_rows(x, (const char *)w + n * row_bytes, K, kind, 1, 1, &sum);
+        float v = kind == W_INT8 ? sum * bf16_to_f32(scale[n]) : sum;
+        store(y, n, bias ? v + bias[n] : v, bf16);
     }
-    for (int64_t nt = n0; nt < n1; nt += tile)
+    for (int64_t nt = n0; nt < n1 && M > 1; nt += tile)
         for (int64_t m = 0; m < M; m += 3) {
             const int64_t R = M - m < 3 ? M - m : 3;
             for (int64_t n = nt; n < n1 && n < nt + tile; n++) {
                 const void *row = (const char *)w + n * row_bytes;
                 float sums[3];
-                if (R == 3) dot_rows(x + m * K, row, K, int8, 3, sums);
-                else if (R == 2) dot_rows(x + m * K, row, K, int8, 2, sums);
-                else dot_rows(x + m * K, row, K, int8, 1, sums);
+                if (R == 3) dot_rows(x + m * K, row, K, kind, 3, 0, sums);
+                else if (R == 2) dot_rows(x + m * K, row, K, kind, 2, 0, sums);
+                else dot_rows(x + m * K, row, K, kind, 1, 0, sums);
                 for (int64_t r = 0; r < R; r++) {
-                    float v = int8 ? sums[r] * bf16_to_f32(scale[n]) : sums[r];
+                    float v = kind == W_INT8 ? sums[r] * bf16_to_f32(scale[n]) : sums[r];
                     store(y, (m + r) * N + n, bias ? v + bias[n] : v, bf16);
                 }
             }
         }
 }
 
-/* x in fp32, or bf16 widened to fp32 once here (into a buffer the caller frees: NULL when x already is fp32) */
-static const float *fp32_rows(const void *x, int x_bf16, int64_t n, float **owned) {
-    *owned = NULL;
-    if (!x_bf16) return (const float *)x;
-    float *f = malloc(sizeof(float) * n);
-    for (int64_t i = 0; i < n; i++) f[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-    return *owned = f;
-}
-
-/* x: (M, K) fp32, or bf16 (bf16: x and y in bf16); w: (N, K) fp32; bias: (N,) fp32 or NULL; y: (M, N) */
-void gemv_f32(const void *x_in, const float *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
-              int bf16) {
-    float *owned;
-    const float *x = fp32_rows(x_in, bf16, M * K, &owned);
-    #pragma omp parallel
-    gemv_share(x, w, NULL, bias, y, M, N, K, 0, bf16);
-    free(owned);
-}
-
-/* R rows (1 to 3) of x split into their even and odd elements (e, o: R rows of P each) . one row of W in bf16 pairs
-   (P of them): sums[r], in gemv_bf16's four accumulators (even and odd of pairs p..p+7, then of p+8..p+15), so each
-   is what the loop for one row computes, bit for bit; the weights are widened once for the R rows. */
-static inline __attribute__((always_inline)) void dot_rows_bf16(const float *e, const float *o, const uint32_t *row,
-                                                                int64_t P, int R, float *sums) {
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    __m256 a[3][4];
-    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm256_setzero_ps();
-    int64_t p = 0;
-    for (; p + 16 <= P; p += 16) {
-        prefetch(row + p);
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + p));
-        __m256i w1 = _mm256_loadu_si256((const __m256i *)(row + p + 8));
-        __m256 w[4] = {_mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), _mm256_castsi256_ps(_mm256_and_si256(w0, high)),
-                       _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), _mm256_castsi256_ps(_mm256_and_si256(w1, high))};
-        for (int j = 0; j < 4; j++)
-            for (int r = 0; r < R; r++)
-                a[r][j] = _mm256_fmadd_ps(_mm256_loadu_ps((j & 1 ? o : e) + r * P + p + (j & 2) * 4), w[j], a[r][j]);
-    }
-    for (int r = 0; r < R; r++) {
-        float s = sum_acc(a[r][0], a[r][1], a[r][2], a[r][3]);
-        for (int64_t i = p; i < P; i++)
-            s += e[r * P + i] * bf16_to_f32((uint16_t)row[i]) + o[r * P + i] * bf16_to_f32((uint16_t)(row[i] >> 16));
-        sums[r] = s;
-    }
-}
-
-/* x: (M, K) fp32 or bf16 (y in x's dtype, as above); w: (N, K) bf16 with K even; bias: (N,) fp32 or NULL; y: (M, N).
-   W is read as 32-bit words, each a pair of bf16: the even element in the low half, the odd one in the high half.
-   Widening the odd ones is a mask (the high half already is an fp32) and the even ones a shift: two instructions
-   for 16 weights. So x is split once into its even and odd elements, to multiply them with. Several rows of x go as
-   in gemv_share: tiles of W's rows, three rows of x at a time. */
-void gemv_bf16(const void *x, const uint32_t *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
-               int bf16) {
-    const int64_t P = K / 2;                                 /* pairs per row */
-    float *even = malloc(sizeof(float) * M * P), *odd = malloc(sizeof(float) * M * P);
-    for (int64_t i = 0; i < M * P; i++) {
-        even[i] = bf16 ? bf16_to_f32(((const uint16_t *)x)[2 * i]) : ((const float *)x)[2 * i];
-        odd[i] = bf16 ? bf16_to_f32(((const uint16_t *)x)[2 * i + 1]) : ((const float *)x)[2 * i + 1];
-    }
-    const int64_t tile = 4 * P >= (128 << 10) ? 1 : (128 << 10) / (4 * P);
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    #pragma omp parallel
-    {
-        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads(), n0 = N * t / T, n1 = N * (t + 1) / T;
-        for (int64_t n = n0; n < n1 && M == 1; n++) {     /* decoding one sequence: dot_rows_bf16 for one row, */
-            const uint32_t *row = w + n * P;                /* written out: 5-10% faster (the same sums) */
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            int64_t p = 0;
-            for (; p + 16 <= P; p += 16) {
-                prefetch(row + p);                                          /* 64 bytes a step */
-                __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + p));
-                __m256i w1 = _mm256_loadu_si256((const __m256i *)(row + p + 8));
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(even + p), _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(odd + p), _mm256_castsi256_ps(_mm256_and_si256(w0, high)), a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(even + p + 8), _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(odd + p + 8), _mm256_castsi256_ps(_mm256_and_si256(w1, high)), a3);
-            }
-            float s = sum_acc(a0, a1, a2, a3);
-            for (; p < P; p++)
-                s += even[p] * bf16_to_f32((uint16_t)row[p]) + odd[p] * bf16_to_f32((uint16_t)(row[p] >> 16));
-            store(y, n, bias ? s + bias[n] : s, bf16);
-        }
-        for (int64_t nt = n0; nt < n1 && M > 1; nt += tile)
-            for (int64_t m = 0; m < M; m += 3) {
-                const int64_t R = M - m < 3 ? M - m : 3;
-                for (int64_t n = nt; n < n1 && n < nt + tile; n++) {
-                    float sums[3];
-                    if (R == 3) dot_rows_bf16(even + m * P, odd + m * P, w + n * P, P, 3, sums);
-                    else if (R == 2) dot_rows_bf16(even + m * P, odd + m * P, w + n * P, P, 2, sums);
-                    else dot_rows_bf16(even + m * P, odd + m * P, w + n * P, P, 1, sums);
-                    for (int64_t r = 0; r < R; r++) store(y, (m + r) * N + n, bias ? sums[r] + bias[n] : sums[r], bf16);
+/* x (M, K), fp32 or bf16, as dot_rows reads it: in fp32, and for bf16 weights each whole block of 32 elements in
+   weights8's order (the last K % 32 as they are). NULL where x itself will do; else a buffer for the caller to free. */
+static float *x_rows(const void *x, int x_bf16, int64_t M, int64_t K, int kind) {
+    if (!x_bf16 && kind != W_BF16) return NULL;
+    float *f = aligned_alloc(64, (sizeof(float) * M * K + 63) / 64 * 64);     /* (aligned: bf16 M = 1 7% faster) */
+    const int64_t blocks = kind == W_BF16 ? K - K % 32 : 0;                    /* the elements reordered */
+    for (int64_t m = 0; m < M; m++) {
+        const float *xf = (const float *)x + m * K;
+        const uint16_t *xh = (const uint16_t *)x + m * K;
+        float *row = f + m * K;
+        for (int64_t k = 0; k < blocks; k += 32)         /* the even elements of 16, the odd, the next 16's even, odd */
+            for (int e = 0; e < 8; e++)
+                for (int j = 0; j < 4; j++) {
+                    const int64_t src = k + 16 * (j / 2) + 2 * e + j % 2;
+                    row[k + 8 * j + e] = x_bf16 ? bf16_to_f32(xh[src]) : xf[src];
                 }
-            }
+        for (int64_t k = blocks; k < K; k++) row[k] = x_bf16 ? bf16_to_f32(xh[k]) : xf[k];
     }
-    free(even);
-    free(odd);
+    return f;
 }
 
-/* x: (M, K) fp32 or bf16 (y in x's dtype); w: (N, K) int8 with a bf16 scale per row (models' Int8Linear:
-   W ~ scale[n] * w[n, :]); bias: (N,) fp32 or NULL; y: (M, N) */
-void gemv_int8(const void *x_in, const int8_t *w, const uint16_t *scale, const float *bias, void *y, int64_t M,
-               int64_t N, int64_t K, int bf16) {
-    float *owned;
-    const float *x = fp32_rows(x_in, bf16, M * K, &owned);
-    #pragma omp parallel
-    gemv_share(x, w, scale, bias, y, M, N, K, 1, bf16);
+/* y = x W^T (times scale, plus bias): x (M, K) fp32 or bf16 (bf16: y in bf16 too); w (N, K) of this kind (bf16:
+   K even); scale (N,) bf16 for int8 weights (models' Int8Linear: W ~ scale[n] * w[n, :]), else NULL; bias (N,) fp32
+   or NULL; y (M, N) */
+void gemv(const void *x, const void *w, int kind, const uint16_t *scale, const float *bias, void *y, int64_t M,
+          int64_t N, int64_t K, int bf16) {
+    float *owned = x_rows(x, bf16, M, K, kind);
+    const float *xf = owned ? owned : (const float *)x;
+    if (kind == W_F32) {                   /* (a parallel region each: one for the three made fp32 5-7% slower) */
+        #pragma omp parallel
+        gemv_share(xf, w, W_F32, scale, bias, y, M, N, K, bf16);
+    } else if (kind == W_INT8) {
+        #pragma omp parallel
+        gemv_share(xf, w, W_INT8, scale, bias, y, M, N, K, bf16);
+    } else {
+        #pragma omp parallel
+        gemv_share(xf, w, W_BF16, scale, bias, y, M, N, K, bf16);
+    }
     free(owned);
 }
 

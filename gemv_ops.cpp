@@ -9,11 +9,8 @@
 #include <torch/library.h>
 
 extern "C" {
-void gemv_f32(const void *x, const float *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K, int bf16);
-void gemv_bf16(const void *x, const uint32_t *w, const float *bias, void *y, int64_t M, int64_t N, int64_t K,
-               int bf16);
-void gemv_int8(const void *x, const int8_t *w, const uint16_t *scale, const float *bias, void *y, int64_t M,
-               int64_t N, int64_t K, int bf16);
+void gemv(const void *x, const void *w, int kind, const uint16_t *scale, const float *bias, void *y, int64_t M,
+          int64_t N, int64_t K, int bf16);
 void attend_one(const void *q, const void *k, const void *v, const float *mask, int mask_rows, void *y, int64_t B,
                 int64_t H, int64_t K, int64_t S, int64_t D, float scale, float softcap, int bf16);
 void rms_norm(const void *x, const void *w, void *y, int64_t M, int64_t C, float eps, int offset, int bf16);
@@ -25,8 +22,8 @@ static bool fp32_or_bf16(const at::Tensor &t) {
 
 // x (..., K) @ weight.T + bias -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16 (K even), or int8
 // with a bf16 scale (N,) per row; bias (N,) fp32 or none. Computed in fp32, rounded once.
-static at::Tensor gemv(const at::Tensor &x_in, const at::Tensor &weight, const std::optional<at::Tensor> &scale,
-                       const std::optional<at::Tensor> &bias) {
+static at::Tensor gemv_op(const at::Tensor &x_in, const at::Tensor &weight, const std::optional<at::Tensor> &scale,
+                          const std::optional<at::Tensor> &bias) {
     TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "flatlm::gemv: weight must be a contiguous (N, K) matrix");
     const int64_t N = weight.size(0), K = weight.size(1);
     TORCH_CHECK(x_in.size(-1) == K && fp32_or_bf16(x_in), "flatlm::gemv: x must be fp32 or bf16 (..., ", K, "), got ",
@@ -40,24 +37,25 @@ static at::Tensor gemv(const at::Tensor &x_in, const at::Tensor &weight, const s
     const int64_t M = x.numel() / K;
     const int bf16 = x.scalar_type() == at::kBFloat16;
     const float *b = bias ? bias->const_data_ptr<float>() : nullptr;
+    const uint16_t *scale_data = nullptr;
+    int kind = 0;                                          // gemv.c's W_F32, W_INT8, W_BF16
     switch (weight.scalar_type()) {
     case at::kFloat:
-        gemv_f32(x.const_data_ptr(), weight.const_data_ptr<float>(), b, y.data_ptr(), M, N, K, bf16);
-        break;
-    case at::kBFloat16:
-        TORCH_CHECK(K % 2 == 0, "flatlm::gemv: a bf16 weight needs an even K, got ", K);
-        gemv_bf16(x.const_data_ptr(), static_cast<const uint32_t *>(weight.const_data_ptr()), b, y.data_ptr(), M, N, K,
-                  bf16);
         break;
     case at::kChar:
         TORCH_CHECK(scale && scale->scalar_type() == at::kBFloat16 && scale->numel() == N && scale->is_contiguous(),
                     "flatlm::gemv: an int8 weight needs a bf16 scale (", N, ",)");
-        gemv_int8(x.const_data_ptr(), weight.const_data_ptr<int8_t>(),
-                  static_cast<const uint16_t *>(scale->const_data_ptr()), b, y.data_ptr(), M, N, K, bf16);
+        kind = 1;
+        scale_data = static_cast<const uint16_t *>(scale->const_data_ptr());
+        break;
+    case at::kBFloat16:
+        TORCH_CHECK(K % 2 == 0, "flatlm::gemv: a bf16 weight needs an even K, got ", K);
+        kind = 2;
         break;
     default:
         TORCH_CHECK(false, "flatlm::gemv: weight must be fp32, bf16 or int8, got ", weight.scalar_type());
     }
+    gemv(x.const_data_ptr(), weight.const_data_ptr(), kind, scale_data, b, y.data_ptr(), M, N, K, bf16);
     return y;
 }
 
@@ -110,7 +108,7 @@ TORCH_LIBRARY(flatlm, m) {
 }
 
 TORCH_LIBRARY_IMPL(flatlm, CPU, m) {
-    m.impl("gemv", &gemv);
+    m.impl("gemv", &gemv_op);
     m.impl("attend_one", &attend_one_op);
     m.impl("rms_norm", &rms_norm_op);
 }

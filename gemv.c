@@ -121,33 +121,64 @@ static inline __attribute__((always_inline)) void dot_rows(const float *x, const
     }
 }
 
-/* y[m, n] = x[m] . W[n] (times scale[n] for int8, plus bias[n]) for every m and for this thread's share of n (a
-   contiguous range, as `omp for schedule(static)` would give it), into y (M, N) in fp32 or bf16. The range goes in
-   tiles of W's rows that stay in the core's L2 cache (128 KB), each tile three rows of x at a time (they stay in L1):
-   a row of W meets three of x in registers, and W comes from memory once. */
+static inline __attribute__((always_inline)) void dot_rows_any(const float *x, const void *row, int64_t K, int kind,
+                                                               int64_t R, float *sums) {
+    if (R == 3) dot_rows(x, row, K, kind, 3, 0, sums);           /* (R a constant in each: its loops unrolled) */
+    else if (R == 2) dot_rows(x, row, K, kind, 2, 0, sums);
+    else dot_rows(x, row, K, kind, 1, 0, sums);
+}
+
+/* Output n from its sum: times int8's scale, plus the bias */
+static inline float finish(float sum, int64_t n, int kind, const uint16_t *scale, const float *bias) {
+    const float v = kind == W_INT8 ? sum * bf16_to_f32(scale[n]) : sum;
+    return bias ? v + bias[n] : v;
+}
+
+/* A gated MLP's hidden value (Shazeer 2020), act(gate) * up, with act silu (Llama, Qwen, Phi-3) or GELU's tanh form
+   (Gemma); in bf16 each step rounded where the model files' ops round it (gate_up's output, act's, the product's). */
+enum { GLU_NONE, GLU_SILU, GLU_GELU_TANH };
+
+static inline float glu_value(float gate, float up, int glu, int bf16) {
+    if (bf16) { gate = bf16_to_f32(f32_to_bf16(gate)); up = bf16_to_f32(f32_to_bf16(up)); }
+    float a = glu == GLU_SILU ? gate / (1.0f + expf(-gate))
+                              : 0.5f * gate * (1.0f + tanhf(0.7978845608f * (gate + 0.044715f * gate * gate * gate)));
+    if (bf16) a = bf16_to_f32(f32_to_bf16(a));
+    return a * up;
+}
+
+/* y[m, n] = x[m] . W[n] (finished: scale, bias) for every m and for this thread's share of n (a contiguous range,
+   as `omp for schedule(static)` would give it), into y (M, Y) in fp32 or bf16. With glu, W is a gated MLP's gate_up
+   (N = 2Y: the gates' rows, then the ups') and y[m, n] = glu_value(gate: x[m] . W[n], up: x[m] . W[Y + n]): the
+   MLP's hidden layer from one call, without its 2Y-wide product in memory. Several rows of x go in tiles of W's
+   rows that stay in the core's L2 cache (128 KB), each tile three rows of x at a time (they stay in L1): a row of W
+   meets three of x in registers, and W comes from memory once. */
 static inline __attribute__((always_inline)) void gemv_share(const float *x, const void *w, int kind,
                                                              const uint16_t *scale, const float *bias, void *y,
-                                                             int64_t M, int64_t N, int64_t K, int bf16) {
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads(), n0 = N * t / T, n1 = N * (t + 1) / T;
-    const int64_t row_bytes = K * element_bytes(kind), tile = row_bytes >= (128 << 10) ? 1 : (128 << 10) / row_bytes;
+                                                             int64_t M, int64_t N, int64_t K, int glu, int bf16) {
+    const int64_t Y = glu ? N / 2 : N, t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t n0 = Y * t / T, n1 = Y * (t + 1) / T, row_bytes = K * element_bytes(kind);
+    const int64_t tile = row_bytes * (glu ? 2 : 1) >= (128 << 10) ? 1 : (128 << 10) / (row_bytes * (glu ? 2 : 1));
     for (int64_t n = n0; n < n1 && M == 1; n++) {          /* one row of x (decoding one sequence): no tiles */
-        float sum;
+        float sum, up;
         dot_rows(x, (const char *)w + n * row_bytes, K, kind, 1, 1, &sum);
-        float v = kind == W_INT8 ? sum * bf16_to_f32(scale[n]) : sum;
-        store(y, n, bias ? v + bias[n] : v, bf16);
+        float v = finish(sum, n, kind, scale, bias);
+        if (glu) {
+            dot_rows(x, (const char *)w + (Y + n) * row_bytes, K, kind, 1, 1, &up);
+            v = glu_value(v, finish(up, Y + n, kind, scale, bias), glu, bf16);
+        }
+        store(y, n, v, bf16);
     }
     for (int64_t nt = n0; nt < n1 && M > 1; nt += tile)
         for (int64_t m = 0; m < M; m += 3) {
             const int64_t R = M - m < 3 ? M - m : 3;
             for (int64_t n = nt; n < n1 && n < nt + tile; n++) {
-                const void *row = (const char *)w + n * row_bytes;
-                float sums[3];
-                if (R == 3) dot_rows(x + m * K, row, K, kind, 3, 0, sums);
-                else if (R == 2) dot_rows(x + m * K, row, K, kind, 2, 0, sums);
-                else dot_rows(x + m * K, row, K, kind, 1, 0, sums);
+                float sums[3], ups[3];
+                dot_rows_any(x + m * K, (const char *)w + n * row_bytes, K, kind, R, sums);
+                if (glu) dot_rows_any(x + m * K, (const char *)w + (Y + n) * row_bytes, K, kind, R, ups);
                 for (int64_t r = 0; r < R; r++) {
-                    float v = kind == W_INT8 ? sums[r] * bf16_to_f32(scale[n]) : sums[r];
-                    store(y, (m + r) * N + n, bias ? v + bias[n] : v, bf16);
+                    float v = finish(sums[r], n, kind, scale, bias);
+                    if (glu) v = glu_value(v, finish(ups[r], Y + n, kind, scale, bias), glu, bf16);
+                    store(y, (m + r) * Y + n, v, bf16);
                 }
             }
         }
@@ -176,20 +207,20 @@ static float *x_rows(const void *x, int x_bf16, int64_t M, int64_t K, int kind) 
 
 /* y = x W^T (times scale, plus bias): x (M, K) fp32 or bf16 (bf16: y in bf16 too); w (N, K) of this kind (bf16:
    K even); scale (N,) bf16 for int8 weights (models' Int8Linear: W ~ scale[n] * w[n, :]), else NULL; bias (N,) fp32
-   or NULL; y (M, N) */
+   or NULL; y (M, N), or with glu (GLU_SILU, GLU_GELU_TANH; N even) a gated MLP's hidden layer (M, N / 2) */
 void gemv(const void *x, const void *w, int kind, const uint16_t *scale, const float *bias, void *y, int64_t M,
-          int64_t N, int64_t K, int bf16) {
+          int64_t N, int64_t K, int glu, int bf16) {
     float *owned = x_rows(x, bf16, M, K, kind);
     const float *xf = owned ? owned : (const float *)x;
     if (kind == W_F32) {                   /* (a parallel region each: one for the three made fp32 5-7% slower) */
         #pragma omp parallel
-        gemv_share(xf, w, W_F32, scale, bias, y, M, N, K, bf16);
+        gemv_share(xf, w, W_F32, scale, bias, y, M, N, K, glu, bf16);
     } else if (kind == W_INT8) {
         #pragma omp parallel
-        gemv_share(xf, w, W_INT8, scale, bias, y, M, N, K, bf16);
+        gemv_share(xf, w, W_INT8, scale, bias, y, M, N, K, glu, bf16);
     } else {
         #pragma omp parallel
-        gemv_share(xf, w, W_BF16, scale, bias, y, M, N, K, bf16);
+        gemv_share(xf, w, W_BF16, scale, bias, y, M, N, K, glu, bf16);
     }
     free(owned);
 }

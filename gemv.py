@@ -97,8 +97,8 @@ def library() -> bool:
             print(f"gemv: decoding with torch's kernels ({e})", file=sys.stderr)
             return False
         # Shapes for torch.compile, which traces the operators without running them
-        torch.library.register_fake("flatlm::gemv", lambda x, weight, scale, bias:
-                                    x.new_empty(*x.shape[:-1], weight.size(0)))
+        torch.library.register_fake("flatlm::gemv", lambda x, weight, scale, bias, glu=0:
+                                    x.new_empty(*x.shape[:-1], weight.size(0) // (2 if glu else 1)))
         torch.library.register_fake("flatlm::attend_one", lambda q, k, v, mask, scale, softcap: torch.empty_like(q))
         torch.library.register_fake("flatlm::rms_norm", lambda x, weight, eps, offset: torch.empty_like(x))
         _library = True
@@ -106,11 +106,16 @@ def library() -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-         bias: torch.Tensor | None = None) -> torch.Tensor:
+         bias: torch.Tensor | None = None, glu: int = 0) -> torch.Tensor:
     """x (..., K) @ weight.T + bias -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16, or int8 with a
-    bf16 scale (N,) per row; bias (N,) fp32 or None. Computed in fp32, rounded once."""
+    bf16 scale (N,) per row; bias (N,) fp32 or None. Computed in fp32, rounded once. glu (GLU_SILU, GLU_GELU_TANH):
+    weight is a gated MLP's gate_up (the gates' rows, then the ups'), and the result its hidden layer act(gate) * up,
+    (..., N / 2), rounded where the model files' ops round it."""
     library()
-    return torch.ops.flatlm.gemv.default(x, weight, scale, bias)
+    return torch.ops.flatlm.gemv.default(x, weight, scale, bias, glu)
+
+
+GLU_SILU, GLU_GELU_TANH = 1, 2          # gemv.c's activations for a gated MLP: silu, and GELU's tanh form
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -191,6 +196,42 @@ def rms_norm_offset(norm: nn.Module) -> int | None:
     return None
 
 
+class GemvGLU(nn.Module):
+    """A model file's gated MLP, down(act(gate) * up) with gate and up from one gate_up layer, whose hidden layer comes
+    from one kernel call (gemv's glu) when its gate_up (a GemvLinear) would use the kernel: torch's chunk, activation
+    and product are three more ops and a 2 x intermediate-wide tensor in memory. glu: the activation, which
+    use_for_decoding finds by trying both against the MLP itself. Inference only."""
+
+    def __init__(self, mlp: nn.Module, glu: int):
+        super().__init__()
+        self.mlp, self.glu = mlp, glu
+
+    def forward(self, x):
+        gate_up = self.mlp.gate_up
+        if x.numel() > gate_up.max_rows * gate_up.in_features or x.requires_grad:
+            return self.mlp(x)
+        return self.mlp.down(torch.ops.flatlm.gemv.default(x, gate_up.weight, gate_up.scale, gate_up.bias, self.glu))
+
+
+def glu_activation(mlp: nn.Module) -> int | None:
+    """The glu (see GemvGLU) with which the kernel computes what this MLP computes, tried on a few random rows: None
+    for an MLP that is not down(act(gate) * up) over a GemvLinear gate_up (Phi-2's ungated MLP, a fork's edit)."""
+    gate_up, down = getattr(mlp, "gate_up", None), getattr(mlp, "down", None)
+    if not isinstance(gate_up, GemvLinear) or not isinstance(down, nn.Module) or gate_up.out_features % 2:
+        return None
+    with torch.no_grad():                  # fp32 rows, large enough that silu and GELU differ by far more than rounding
+        dtype = gate_up.weight.dtype if gate_up.weight.is_floating_point() else torch.float32     # (int8: fp32 x)
+        x = (4 * torch.randn(3, gate_up.in_features, generator=torch.Generator().manual_seed(0))).to(dtype)
+        try:
+            expected = mlp(x).float()
+            errors = {glu: (GemvGLU(mlp, glu)(x).float() - expected).abs().max() for glu in (GLU_SILU, GLU_GELU_TANH)}
+        except Exception:                  # not an MLP over the last dimension
+            return None
+    glu = min(errors, key=errors.get)
+    tolerance = (1e-5 if dtype == torch.float32 else 2e-2) * (expected.abs().max() + 1)
+    return glu if errors[glu] <= tolerance else None
+
+
 def fits(layer: nn.Module) -> bool:
     """A layer the kernels take: nn.Linear in fp32 or bf16 (even width), or an int8 layer with per-row scales."""
     w = getattr(layer, "weight", None)
@@ -204,8 +245,8 @@ def fits(layer: nn.Module) -> bool:
 
 
 def use_for_decoding(model: nn.Module) -> bool:
-    """Swap every layer the kernels take for a GemvLinear wrapping it, and every RMSNorm for a GemvRMSNorm. False (and
-    nothing swapped) where the kernels are unavailable."""
+    """Swap every layer the kernels take for a GemvLinear wrapping it, every RMSNorm for a GemvRMSNorm, and then every
+    gated MLP for a GemvGLU. False (and nothing swapped) where the kernels are unavailable."""
     if not library():
         return False
     for parent in list(model.modules()):
@@ -214,4 +255,8 @@ def use_for_decoding(model: nn.Module) -> bool:
                 setattr(parent, name, GemvLinear(child))
             elif type(child).__name__ == "RMSNorm" and (offset := rms_norm_offset(child)) is not None:
                 setattr(parent, name, GemvRMSNorm(child, offset))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "MLP" and (glu := glu_activation(child)) is not None:
+                setattr(parent, name, GemvGLU(child, glu))
     return True

@@ -10,7 +10,7 @@
 
 extern "C" {
 void gemv(const void *x, const void *w, int kind, const uint16_t *scale, const float *bias, void *y, int64_t M,
-          int64_t N, int64_t K, int bf16);
+          int64_t N, int64_t K, int glu, int bf16);
 void attend_one(const void *q, const void *k, const void *v, const float *mask, int mask_rows, void *y, int64_t B,
                 int64_t H, int64_t K, int64_t S, int64_t D, float scale, float softcap, int bf16);
 void rms_norm(const void *x, const void *w, void *y, int64_t M, int64_t C, float eps, int offset, int bf16);
@@ -21,18 +21,20 @@ static bool fp32_or_bf16(const at::Tensor &t) {
 }
 
 // x (..., K) @ weight.T + bias -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16 (K even), or int8
-// with a bf16 scale (N,) per row; bias (N,) fp32 or none. Computed in fp32, rounded once.
+// with a bf16 scale (N,) per row; bias (N,) fp32 or none. Computed in fp32, rounded once. glu 1 (silu) or 2 (GELU's
+// tanh form): weight is a gated MLP's gate_up and the result its hidden layer act(gate) * up, (..., N / 2).
 static at::Tensor gemv_op(const at::Tensor &x_in, const at::Tensor &weight, const std::optional<at::Tensor> &scale,
-                          const std::optional<at::Tensor> &bias) {
+                          const std::optional<at::Tensor> &bias, int64_t glu) {
     TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "flatlm::gemv: weight must be a contiguous (N, K) matrix");
     const int64_t N = weight.size(0), K = weight.size(1);
     TORCH_CHECK(x_in.size(-1) == K && fp32_or_bf16(x_in), "flatlm::gemv: x must be fp32 or bf16 (..., ", K, "), got ",
                 x_in.sizes(), " ", x_in.scalar_type());
     TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous()),
                 "flatlm::gemv: bias must be fp32 (", N, ",)");
+    TORCH_CHECK(glu >= 0 && glu <= 2 && (!glu || N % 2 == 0), "flatlm::gemv: glu must be 0, 1 or 2 (with N even)");
     const at::Tensor x = x_in.contiguous();
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = N;
+    shape.back() = glu ? N / 2 : N;
     at::Tensor y = at::empty(shape, x.options());
     const int64_t M = x.numel() / K;
     const int bf16 = x.scalar_type() == at::kBFloat16;
@@ -55,7 +57,7 @@ static at::Tensor gemv_op(const at::Tensor &x_in, const at::Tensor &weight, cons
     default:
         TORCH_CHECK(false, "flatlm::gemv: weight must be fp32, bf16 or int8, got ", weight.scalar_type());
     }
-    gemv(x.const_data_ptr(), weight.const_data_ptr(), kind, scale_data, b, y.data_ptr(), M, N, K, bf16);
+    gemv(x.const_data_ptr(), weight.const_data_ptr(), kind, scale_data, b, y.data_ptr(), M, N, K, glu, bf16);
     return y;
 }
 
@@ -102,7 +104,7 @@ static at::Tensor rms_norm_op(const at::Tensor &x_in, const at::Tensor &weight_i
 }
 
 TORCH_LIBRARY(flatlm, m) {
-    m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor");
+    m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int glu=0) -> Tensor");
     m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float? softcap) -> Tensor");
     m.def("rms_norm(Tensor x, Tensor weight, float eps, int offset) -> Tensor");
 }

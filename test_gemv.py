@@ -122,6 +122,57 @@ def test_norms_the_kernel_does_not_compute_stay_as_they_are():
     assert isinstance(model[0], gemv.GemvLinear) and model[1] is edited and isinstance(model[2], gemv.GemvRMSNorm)
 
 
+GLUS = {"llama": gemv.GLU_SILU, "qwen": gemv.GLU_SILU, "phi": gemv.GLU_SILU, "gemma": gemv.GLU_GELU_TANH}
+
+
+def tiny_mlp(family, dtype, seed=0):
+    """A model file's MLP (576 wide, 1536 inside: SmolLM2's), in fp32, bf16 or int8 (fp32 activations), with its
+    layers behind the kernels as use_for_decoding leaves them; and the dtype of its activations."""
+    import importlib
+    module = importlib.import_module(f"models.{family}")
+    torch.manual_seed(seed)
+    config = module.Config(dim=576, intermediate_size=1536, n_layer=1, n_head=9, n_kv_head=3, vocab_size=100)
+    mlp = module.MLP(config)
+    if dtype == "int8":
+        mlp.gate_up, mlp.down, dtype = module.Int8Linear(mlp.gate_up), module.Int8Linear(mlp.down), torch.float32
+    elif dtype == torch.bfloat16:
+        mlp = mlp.to(dtype)
+    mlp.gate_up, mlp.down = gemv.GemvLinear(mlp.gate_up), gemv.GemvLinear(mlp.down)
+    return mlp, dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("family", GLUS)
+def test_glu_kernel_computes_each_model_files_mlp(family, dtype):
+    mlp, x_dtype = tiny_mlp(family, dtype, seed=len(family))
+    assert gemv.glu_activation(mlp) == GLUS[family]                # found by trying both against the MLP
+    fast = gemv.GemvGLU(mlp, GLUS[family])
+    x = torch.randn(7, 576).to(x_dtype)
+    with torch.no_grad():
+        ours, theirs = fast(x), mlp(x)
+        assert ours.dtype == x_dtype and ours.shape == x.shape
+        if x_dtype == torch.bfloat16:     # bf16: the model file's roundings (gate_up's, the activation's, the product's)
+            assert torch.equal(ours, theirs)
+        else:                             # fp32: the same up to the activation's last bit
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        assert torch.equal(torch.cat([fast(x[m:m + 1]) for m in range(len(x))]), ours)       # each row alone
+
+
+def test_mlps_the_kernel_does_not_compute_stay_as_they_are():
+    from models import phi
+
+    mlp, _ = tiny_mlp("llama", torch.float32)
+    original = type(mlp).forward
+    mlp.forward = lambda x: mlp.down(torch.relu(mlp.gate_up(x).chunk(2, dim=-1)[0]))   # a fork's edit: ungated
+    assert gemv.glu_activation(mlp) is None
+    mlp.forward = lambda x: original(mlp, x)
+    assert gemv.glu_activation(mlp) == gemv.GLU_SILU
+    config = phi.Config(dim=64, intermediate_size=96, n_layer=1, n_head=4, n_kv_head=4, vocab_size=100,
+                        gelu_mlp=True)
+    model = nn.Sequential(phi.MLP(config))                              # Phi-2's: gelu(up(x)), no gate
+    assert gemv.use_for_decoding(model) and type(model[0]) is phi.MLP and isinstance(model[0].up, gemv.GemvLinear)
+
+
 def reference_attention(q, k, v, mask, scale, softcap):
     # the model files' explicit path in float64: scores, the cap (Gemma 2), the mask, softmax, weighted values
     G = q.size(1) // k.size(1)

@@ -102,13 +102,22 @@ def random_model(preset: str, device, dtype, overrides=()):
 
 def bytes_per_token(model, positions: int) -> int:
     """What one decode step must read: every weight once as stored (parameters, and the packed weights and scales
-    of quantized linears), only one row of the embedding table (unless the head reads it too), and the keys and
-    values of `positions` cached positions."""
-    stored = {id(t): t for t in model.parameters()}
+    of quantized linears; behind gemv.c's kernels, what they read: the same tensors, but int4's own copy and fp32
+    scales), only one row of the embedding table (unless the head reads it too), and the keys and values of
+    `positions` cached positions."""
+    stored = {}                                            # data_ptr -> bytes: a tensor and its views once
+    kernels = [m for m in model.modules() if type(m).__name__ == "GemvLinear" and m.max_rows]
+    behind = {id(m.layer) for m in kernels}
     for module in model.modules():
+        if id(module) in behind:                           # (what the kernel reads instead: below)
+            continue
+        tensors = list(module.parameters(recurse=False))
         if type(module).__name__.endswith("Linear"):
-            stored.update((id(t), t) for t in module.buffers())
-    total = sum(t.numel() * t.element_size() for t in stored.values())
+            tensors += list(module.buffers(recurse=False))
+        if module in kernels:
+            tensors += [t for t in (module.weight, module.scale, module.bias) if t is not None]
+        stored.update((t.data_ptr(), t.numel() * t.element_size()) for t in tensors)
+    total = sum(stored.values())
     embedding = model.tok_embeddings.weight
     head = getattr(model.lm_head, "weight", None)       # the tied table itself, or a view of it (GemvLinear's)
     if head is None or head.data_ptr() != embedding.data_ptr():     # (a packed or quantized head has a copy)

@@ -73,16 +73,26 @@ static inline __m256 int8x8(const int8_t *p) {          /* 8 int8 -> 8 fp32 */
    half, the odd one in the high half. Widening the odd ones is a mask (the high half already is an fp32) and the even
    ones a shift: two instructions for 16 weights. So in a block of 32 elements the kernel meets the weights in the
    order (even elements of the first 16, odd of the first 16, even of the last 16, odd of the last 16), and x is put
-   in that order once per call (x_rows) to be multiplied with them. */
-enum { W_F32, W_INT8, W_BF16 };
+   in that order once per call (x_rows) to be multiplied with them. int4 rows (generate.py's copy of a model file's
+   Int4Linear) hold each block of 32 in 16 bytes, byte i element i in its low half and element i + 16 in its high
+   half: the elements in their own order, with a (scale, zero) pair per group of G elements (a power of two, 32 or
+   more), w = (q - 8) * scale + zero, widened in registers as the rest. */
+enum { W_F32, W_INT8, W_BF16, W_INT4 };
 
-static inline int64_t element_bytes(int kind) { return kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1; }
+static inline int64_t bytes_of(int64_t k, int kind) {       /* of k elements of a row */
+    return kind == W_F32 ? 4 * k : kind == W_BF16 ? 2 * k : kind == W_INT8 ? k : k / 2;
+}
 
 /* The j-th 8 weights (j = 0 to 3) of the 32-element block of a row at k, widened to fp32, in x_rows' order
    (kind is a constant wherever this is inlined: no branch is left) */
 static inline __m256 weights8(const void *row, int64_t k, int j, int kind) {
     if (kind == W_F32) return _mm256_loadu_ps((const float *)row + k + 8 * j);
     if (kind == W_INT8) return int8x8((const int8_t *)row + k + 8 * j);
+    if (kind == W_INT4) {                                  /* q, not yet scaled: dot_rows scales a block at a time */
+        const uint8_t *bytes = (const uint8_t *)row + k / 2 + 8 * (j & 1);           /* 8 bytes: 8 low, 8 high q */
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes));
+        return _mm256_cvtepi32_ps(j < 2 ? _mm256_and_si256(b, _mm256_set1_epi32(15)) : _mm256_srli_epi32(b, 4));
+    }
     __m256i pairs = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k + 16 * (j >> 1)));
     return _mm256_castsi256_ps(j & 1 ? _mm256_and_si256(pairs, _mm256_set1_epi32((int)0xffff0000u))
                                      : _mm256_slli_epi32(pairs, 16));
@@ -91,6 +101,7 @@ static inline __m256 weights8(const void *row, int64_t k, int j, int kind) {
 static inline float weight1(const void *row, int64_t k, int kind) {       /* element k, for a row's last < 32 */
     if (kind == W_F32) return ((const float *)row)[k];
     if (kind == W_INT8) return ((const int8_t *)row)[k];
+    if (kind == W_INT4) return 0;                           /* (never: int4 rows are whole groups of 32 or more) */
     return bf16_to_f32(((const uint16_t *)row)[k]);
 }
 
@@ -98,18 +109,26 @@ static inline float weight1(const void *row, int64_t k, int kind) {       /* ele
    accumulators, in the same order whatever R, so each sum is the same bit for bit; R rows at once load and widen each
    weight once for all of them (a prompt's or a batch's rows: 1.3-2x faster than one row at a time). fetch: prefetch
    the row's weights (one row of x, where W streams from memory once; several rows of x re-read a tile of W from L2,
-   and prefetching there made int8 16 rows 1.6x slower). */
-static inline __attribute__((always_inline)) void dot_rows(const float *x, const void *row, int64_t K, int kind,
-                                                           int R, int fetch, float *sums) {
+   and prefetching there made int8 16 rows 1.6x slower). int4: zs is the row's (scale, zero - 8 * scale) pairs, one
+   per group of 2^group_bits elements. */
+static inline __attribute__((always_inline)) void dot_rows(const float *x, const void *row, const float *zs,
+                                                           int group_bits, int64_t K, int kind, int R, int fetch,
+                                                           float *sums) {
     __m256 a[3][4];
     for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        if (fetch && (kind != W_F32 || FP32_PREFETCH))          /* a step is 32, 64 or 128 bytes of W: a line per */
-            prefetch((const char *)row + k * element_bytes(kind));                       /* 64 bytes, at most 2 */
+        if (fetch && (kind != W_F32 || FP32_PREFETCH))       /* a step is 16, 32, 64 or 128 bytes of W: a line per */
+            prefetch((const char *)row + bytes_of(k, kind));                             /* 64 bytes, at most 2 */
         if (fetch && kind == W_F32 && FP32_PREFETCH) prefetch((const char *)row + k * 4 + 64);
+        __m256 scale = _mm256_setzero_ps(), zero = scale;      /* int4: w = q * scale + (zero - 8 * scale) */
+        if (kind == W_INT4) {
+            scale = _mm256_broadcast_ss(zs + 2 * (k >> group_bits));
+            zero = _mm256_broadcast_ss(zs + 2 * (k >> group_bits) + 1);
+        }
         for (int j = 0; j < 4; j++) {
             __m256 w = weights8(row, k, j, kind);
+            if (kind == W_INT4) w = _mm256_fmadd_ps(w, scale, zero);
             if (kind == W_F32 && R > 1) __asm__("" : "+x"(w));   /* one load for the R rows, not R (GCC reloads) */
             for (int r = 0; r < R; r++) a[r][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8 * j), w, a[r][j]);
         }
@@ -121,16 +140,17 @@ static inline __attribute__((always_inline)) void dot_rows(const float *x, const
     }
 }
 
-static inline __attribute__((always_inline)) void dot_rows_any(const float *x, const void *row, int64_t K, int kind,
-                                                               int64_t R, float *sums) {
-    if (R == 3) dot_rows(x, row, K, kind, 3, 0, sums);           /* (R a constant in each: its loops unrolled) */
-    else if (R == 2) dot_rows(x, row, K, kind, 2, 0, sums);
-    else dot_rows(x, row, K, kind, 1, 0, sums);
+static inline __attribute__((always_inline)) void dot_rows_any(const float *x, const void *row, const float *zs,
+                                                               int group_bits, int64_t K, int kind, int64_t R,
+                                                               float *sums) {
+    if (R == 3) dot_rows(x, row, zs, group_bits, K, kind, 3, 0, sums);     /* (R a constant in each: unrolled) */
+    else if (R == 2) dot_rows(x, row, zs, group_bits, K, kind, 2, 0, sums);
+    else dot_rows(x, row, zs, group_bits, K, kind, 1, 0, sums);
 }
 
 /* Output n from its sum: times int8's scale, plus the bias */
-static inline float finish(float sum, int64_t n, int kind, const uint16_t *scale, const float *bias) {
-    const float v = kind == W_INT8 ? sum * bf16_to_f32(scale[n]) : sum;
+static inline float finish(float sum, int64_t n, int kind, const void *scale, const float *bias) {
+    const float v = kind == W_INT8 ? sum * bf16_to_f32(((const uint16_t *)scale)[n]) : sum;
     return bias ? v + bias[n] : v;
 }
 
@@ -153,17 +173,21 @@ static inline float glu_value(float gate, float up, int glu, int bf16) {
    rows that stay in the core's L2 cache (128 KB), each tile three rows of x at a time (they stay in L1): a row of W
    meets three of x in registers, and W comes from memory once. */
 static inline __attribute__((always_inline)) void gemv_share(const float *x, const void *w, int kind,
-                                                             const uint16_t *scale, const float *bias, void *y,
-                                                             int64_t M, int64_t N, int64_t K, int glu, int bf16) {
+                                                             const void *scale, int group_bits, const float *bias,
+                                                             void *y, int64_t M, int64_t N, int64_t K, int glu,
+                                                             int bf16) {
     const int64_t Y = glu ? N / 2 : N, t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t n0 = Y * t / T, n1 = Y * (t + 1) / T, row_bytes = K * element_bytes(kind);
+    const int64_t n0 = Y * t / T, n1 = Y * (t + 1) / T, row_bytes = bytes_of(K, kind);
     const int64_t tile = row_bytes * (glu ? 2 : 1) >= (128 << 10) ? 1 : (128 << 10) / (row_bytes * (glu ? 2 : 1));
+    const float *zs = scale;                                  /* int4: (scale, zero - 8 * scale) pairs, a row's: */
+    const int64_t zs_row = kind == W_INT4 ? 2 * (K >> group_bits) : 0;
     for (int64_t n = n0; n < n1 && M == 1; n++) {          /* one row of x (decoding one sequence): no tiles */
         float sum, up;
-        dot_rows(x, (const char *)w + n * row_bytes, K, kind, 1, 1, &sum);
+        dot_rows(x, (const char *)w + n * row_bytes, zs + n * zs_row, group_bits, K, kind, 1, 1, &sum);
         float v = finish(sum, n, kind, scale, bias);
         if (glu) {
-            dot_rows(x, (const char *)w + (Y + n) * row_bytes, K, kind, 1, 1, &up);
+            dot_rows(x, (const char *)w + (Y + n) * row_bytes, zs + (Y + n) * zs_row, group_bits, K, kind, 1, 1,
+                     &up);
             v = glu_value(v, finish(up, Y + n, kind, scale, bias), glu, bf16);
         }
         store(y, n, v, bf16);
@@ -173,8 +197,11 @@ static inline __attribute__((always_inline)) void gemv_share(const float *x, con
             const int64_t R = M - m < 3 ? M - m : 3;
             for (int64_t n = nt; n < n1 && n < nt + tile; n++) {
                 float sums[3], ups[3];
-                dot_rows_any(x + m * K, (const char *)w + n * row_bytes, K, kind, R, sums);
-                if (glu) dot_rows_any(x + m * K, (const char *)w + (Y + n) * row_bytes, K, kind, R, ups);
+                dot_rows_any(x + m * K, (const char *)w + n * row_bytes, zs + n * zs_row, group_bits, K, kind, R,
+                             sums);
+                if (glu)
+                    dot_rows_any(x + m * K, (const char *)w + (Y + n) * row_bytes, zs + (Y + n) * zs_row,
+                                 group_bits, K, kind, R, ups);
                 for (int64_t r = 0; r < R; r++) {
                     float v = finish(sums[r], n, kind, scale, bias);
                     if (glu) v = glu_value(v, finish(ups[r], Y + n, kind, scale, bias), glu, bf16);
@@ -206,21 +233,29 @@ static float *x_rows(const void *x, int x_bf16, int64_t M, int64_t K, int kind) 
 }
 
 /* y = x W^T (times scale, plus bias): x (M, K) fp32 or bf16 (bf16: y in bf16 too); w (N, K) of this kind (bf16:
-   K even); scale (N,) bf16 for int8 weights (models' Int8Linear: W ~ scale[n] * w[n, :]), else NULL; bias (N,) fp32
-   or NULL; y (M, N), or with glu (GLU_SILU, GLU_GELU_TANH; N even) a gated MLP's hidden layer (M, N / 2) */
-void gemv(const void *x, const void *w, int kind, const uint16_t *scale, const float *bias, void *y, int64_t M,
-          int64_t N, int64_t K, int glu, int bf16) {
+   K even; int4: K / 2 bytes a row, K a multiple of the group); scale (N,) bf16 for int8 weights (models'
+   Int8Linear: W ~ scale[n] * w[n, :]), (N, K / group, 2) fp32 (scale, zero - 8 * scale) pairs for int4 (w = (q - 8)
+   * scale + zero), else NULL; group: int4's,
+   a power of two from 32 on (else unused); bias (N,) fp32 or NULL; y (M, N), or with glu (GLU_SILU, GLU_GELU_TANH;
+   N even) a gated MLP's hidden layer (M, N / 2) */
+void gemv(const void *x, const void *w, int kind, const void *scale, int64_t group, const float *bias, void *y,
+          int64_t M, int64_t N, int64_t K, int glu, int bf16) {
+    int group_bits = 0;
+    while (kind == W_INT4 && ((int64_t)1 << group_bits) < group) group_bits++;
     float *owned = x_rows(x, bf16, M, K, kind);
     const float *xf = owned ? owned : (const float *)x;
     if (kind == W_F32) {                   /* (a parallel region each: one for the three made fp32 5-7% slower) */
         #pragma omp parallel
-        gemv_share(xf, w, W_F32, scale, bias, y, M, N, K, glu, bf16);
+        gemv_share(xf, w, W_F32, scale, 0, bias, y, M, N, K, glu, bf16);
     } else if (kind == W_INT8) {
         #pragma omp parallel
-        gemv_share(xf, w, W_INT8, scale, bias, y, M, N, K, glu, bf16);
+        gemv_share(xf, w, W_INT8, scale, 0, bias, y, M, N, K, glu, bf16);
+    } else if (kind == W_BF16) {
+        #pragma omp parallel
+        gemv_share(xf, w, W_BF16, scale, 0, bias, y, M, N, K, glu, bf16);
     } else {
         #pragma omp parallel
-        gemv_share(xf, w, W_BF16, scale, bias, y, M, N, K, glu, bf16);
+        gemv_share(xf, w, W_INT4, scale, group_bits, bias, y, M, N, K, glu, bf16);
     }
     free(owned);
 }

@@ -139,8 +139,8 @@ def fast_rows(dtype: torch.dtype) -> bool:
 
 
 class GemvLinear(nn.Module):
-    """A linear layer (nn.Linear, or a model file's Int8Linear) that multiplies up to MAX_ROWS rows with gemv.c's
-    kernels (any number where fast_rows says so) and more rows with the layer itself. Inference only."""
+    """A linear layer (nn.Linear, or a model file's Int8Linear or Int4Linear) that multiplies up to MAX_ROWS rows with
+    gemv.c's kernels (any number where fast_rows says so) and more rows with the layer itself. Inference only."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -151,6 +151,10 @@ class GemvLinear(nn.Module):
         self.weight = layer.weight.detach().contiguous()       # (N, K): row-major, as the kernels read it
         self.scale = getattr(layer, "scale", None)
         self.bias = None if layer.bias is None else layer.bias.detach().float()    # added in fp32, then rounded
+        if self.weight.dtype == torch.uint8:                   # int4, packed for torch's kernel: unpacked for ours
+            rows = int4_rows(layer)
+            self.weight, self.scale = rows if rows else (None, None)
+            self.max_rows = self.max_rows if rows else 0      # (a packing it cannot read: the layer does it all)
 
     def forward(self, x):
         if x.numel() > self.max_rows * self.in_features or x.requires_grad:
@@ -217,7 +221,8 @@ def glu_activation(mlp: nn.Module) -> int | None:
     """The glu (see GemvGLU) with which the kernel computes what this MLP computes, tried on a few random rows: None
     for an MLP that is not down(act(gate) * up) over a GemvLinear gate_up (Phi-2's ungated MLP, a fork's edit)."""
     gate_up, down = getattr(mlp, "gate_up", None), getattr(mlp, "down", None)
-    if not isinstance(gate_up, GemvLinear) or not isinstance(down, nn.Module) or gate_up.out_features % 2:
+    if not isinstance(gate_up, GemvLinear) or gate_up.weight is None or not isinstance(down, nn.Module) or \
+            gate_up.out_features % 2:
         return None
     with torch.no_grad():                  # fp32 rows, large enough that silu and GELU differ by far more than rounding
         dtype = gate_up.weight.dtype if gate_up.weight.is_floating_point() else torch.float32     # (int8: fp32 x)
@@ -232,13 +237,66 @@ def glu_activation(mlp: nn.Module) -> int | None:
     return glu if errors[glu] <= tolerance else None
 
 
+def int4_order(N: int, K: int) -> torch.Tensor | None:
+    """Where torch's CPU int4 packing (the model files' Int4Linear) puts each value of an (N, K) matrix: for each
+    4-bit half of the packed bytes (the low half first), the index n * K + k of its value. Found by packing matrices
+    whose values spell out their own index, four bits at a time; None if the packing is not an order of the values."""
+    index = torch.arange(N * K)
+    source = torch.zeros(N * K, dtype=torch.int64)
+    for shift in range(0, max((N * K - 1).bit_length(), 1), 4):
+        packed = torch._convert_weight_to_int4pack_for_cpu(((index >> shift) & 15).to(torch.int32).view(N, K), 1)
+        if packed.numel() * 2 != N * K:
+            return None
+        source |= nibbles(packed).long() << shift
+    return source if torch.equal(source.sort().values, index) else None
+
+
+_int4_orders = functools.cache(int4_order)                # one per shape: a model's layers share a few
+
+
+def nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Bytes -> their 4-bit halves, the low half first"""
+    flat = packed.flatten()
+    return torch.stack([flat & 15, flat >> 4], dim=-1).flatten()
+
+
+def int4_rows(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A model file's Int4Linear in gemv.c's int4 layout: its values q in [0, 15] (w = (q - 8) * scale + zero), 16
+    bytes per 32, byte i holding value i in its low half and value i + 16 in its high half, and its (scale,
+    zero - 8 * scale) pairs per output row, fp32 (N, K / G, 2) (what the kernel multiplies and adds: in bf16 it took as
+    long as int8). Checked against the layer itself on random rows; None where it does not agree (a packing this
+    cannot read)."""
+    N, K, G = layer.out_features, layer.in_features, layer.group_size
+    if (order := _int4_orders(N, K)) is None:
+        return None
+    q = torch.empty(N * K, dtype=torch.uint8)
+    q[order] = nibbles(layer.weight)
+    halves = q.view(N, K // 32, 2, 16)                       # blocks of 32: values 0-15, 16-31
+    weight = (halves[:, :, 0] | halves[:, :, 1] << 4).reshape(N, K // 2).contiguous()
+    scale, zero = layer.scale_zero.float().transpose(0, 1).unbind(-1)              # (K / G, N, 2) -> (N, K / G) x 2
+    scale_zero = torch.stack([scale, zero - 8 * scale], dim=-1).contiguous()
+    with torch.no_grad():
+        x = torch.randn(2, K, generator=torch.Generator().manual_seed(0))
+        ours = torch.ops.flatlm.gemv.default(x, weight, scale_zero, None)
+        theirs = layer(x) - (0 if layer.bias is None else layer.bias)              # (rounded through bf16)
+        if (ours - theirs).abs().max() > 2e-2 * (theirs.abs().max() + 1):
+            return None
+    return weight, scale_zero
+
+
 def fits(layer: nn.Module) -> bool:
-    """A layer the kernels take: nn.Linear in fp32 or bf16 (even width), or an int8 layer with per-row scales."""
+    """A layer the kernels take: nn.Linear in fp32 or bf16 (even width), an int8 layer with per-row scales, or an
+    int4 one (a model file's Int4Linear on a CPU) with groups of a power of two from 32 on."""
     w = getattr(layer, "weight", None)
     if not isinstance(w, torch.Tensor) or w.device.type != "cpu" or w.dim() != 2:
         return False
     if type(layer) is nn.Linear:
         return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and w.size(1) % 2 == 0)
+    if w.dtype == torch.uint8:
+        G, scale_zero = getattr(layer, "group_size", 0), getattr(layer, "scale_zero", None)
+        return isinstance(G, int) and G >= 32 and G & (G - 1) == 0 and layer.in_features % G == 0 and \
+            isinstance(scale_zero, torch.Tensor) and scale_zero.dtype == torch.bfloat16 and \
+            scale_zero.shape == (layer.in_features // G, layer.out_features, 2)
     scale = getattr(layer, "scale", None)
     return w.dtype == torch.int8 and isinstance(scale, torch.Tensor) and scale.shape == (w.size(0),) and \
         scale.dtype == torch.bfloat16

@@ -9,8 +9,8 @@
 #include <torch/library.h>
 
 extern "C" {
-void gemv(const void *x, const void *w, int kind, const uint16_t *scale, const float *bias, void *y, int64_t M,
-          int64_t N, int64_t K, int glu, int bf16);
+void gemv(const void *x, const void *w, int kind, const void *scale, int64_t group, const float *bias, void *y,
+          int64_t M, int64_t N, int64_t K, int glu, int bf16);
 void attend_one(const void *q, const void *k, const void *v, const float *mask, int mask_rows, void *y, int64_t B,
                 int64_t H, int64_t K, int64_t S, int64_t D, float scale, float softcap, int bf16);
 void rms_norm(const void *x, const void *w, void *y, int64_t M, int64_t C, float eps, int offset, int bf16);
@@ -20,13 +20,17 @@ static bool fp32_or_bf16(const at::Tensor &t) {
     return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
 
-// x (..., K) @ weight.T + bias -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16 (K even), or int8
-// with a bf16 scale (N,) per row; bias (N,) fp32 or none. Computed in fp32, rounded once. glu 1 (silu) or 2 (GELU's
-// tanh form): weight is a gated MLP's gate_up and the result its hidden layer act(gate) * up, (..., N / 2).
+// x (..., K) @ weight.T + bias -> (..., N) in x's dtype (fp32 or bf16). weight (N, K): fp32, bf16 (K even), int8
+// with a bf16 scale (N,) per row, or int4 as uint8 (N, K / 2) (gemv.c's layout) with fp32 (scale, zero - 8 * scale)
+// pairs (N, K / G, 2) for groups of G (a power of two, 32 or more); bias (N,) fp32 or none. Computed in fp32,
+// rounded once.
+// glu 1 (silu) or 2 (GELU's tanh form): weight is a gated MLP's gate_up and the result its hidden layer
+// act(gate) * up, (..., N / 2).
 static at::Tensor gemv_op(const at::Tensor &x_in, const at::Tensor &weight, const std::optional<at::Tensor> &scale,
                           const std::optional<at::Tensor> &bias, int64_t glu) {
     TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "flatlm::gemv: weight must be a contiguous (N, K) matrix");
-    const int64_t N = weight.size(0), K = weight.size(1);
+    const bool int4 = weight.scalar_type() == at::kByte;
+    const int64_t N = weight.size(0), K = weight.size(1) * (int4 ? 2 : 1);
     TORCH_CHECK(x_in.size(-1) == K && fp32_or_bf16(x_in), "flatlm::gemv: x must be fp32 or bf16 (..., ", K, "), got ",
                 x_in.sizes(), " ", x_in.scalar_type());
     TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous()),
@@ -39,8 +43,9 @@ static at::Tensor gemv_op(const at::Tensor &x_in, const at::Tensor &weight, cons
     const int64_t M = x.numel() / K;
     const int bf16 = x.scalar_type() == at::kBFloat16;
     const float *b = bias ? bias->const_data_ptr<float>() : nullptr;
-    const uint16_t *scale_data = nullptr;
-    int kind = 0;                                          // gemv.c's W_F32, W_INT8, W_BF16
+    const void *scale_data = nullptr;
+    int64_t group = 0;
+    int kind = 0;                                          // gemv.c's W_F32, W_INT8, W_BF16, W_INT4
     switch (weight.scalar_type()) {
     case at::kFloat:
         break;
@@ -48,16 +53,26 @@ static at::Tensor gemv_op(const at::Tensor &x_in, const at::Tensor &weight, cons
         TORCH_CHECK(scale && scale->scalar_type() == at::kBFloat16 && scale->numel() == N && scale->is_contiguous(),
                     "flatlm::gemv: an int8 weight needs a bf16 scale (", N, ",)");
         kind = 1;
-        scale_data = static_cast<const uint16_t *>(scale->const_data_ptr());
+        scale_data = scale->const_data_ptr();
         break;
     case at::kBFloat16:
         TORCH_CHECK(K % 2 == 0, "flatlm::gemv: a bf16 weight needs an even K, got ", K);
         kind = 2;
         break;
+    case at::kByte:
+        TORCH_CHECK(scale && scale->scalar_type() == at::kFloat && scale->dim() == 3 && scale->size(0) == N &&
+                    scale->size(2) == 2 && scale->is_contiguous(), "flatlm::gemv: an int4 weight needs fp32 (scale, "
+                    "zero - 8 * scale) pairs (", N, ", groups, 2)");
+        group = K / scale->size(1);
+        TORCH_CHECK(group * scale->size(1) == K && group >= 32 && (group & (group - 1)) == 0,
+                    "flatlm::gemv: int4 groups must be a power of two from 32 on, dividing ", K);
+        kind = 3;
+        scale_data = scale->const_data_ptr();
+        break;
     default:
-        TORCH_CHECK(false, "flatlm::gemv: weight must be fp32, bf16 or int8, got ", weight.scalar_type());
+        TORCH_CHECK(false, "flatlm::gemv: weight must be fp32, bf16, int8 or int4 (uint8), got ", weight.scalar_type());
     }
-    gemv(x.const_data_ptr(), weight.const_data_ptr(), kind, scale_data, b, y.data_ptr(), M, N, K, glu, bf16);
+    gemv(x.const_data_ptr(), weight.const_data_ptr(), kind, scale_data, group, b, y.data_ptr(), M, N, K, glu, bf16);
     return y;
 }
 

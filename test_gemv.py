@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import gemv
 from models.gemma import Config as GemmaConfig
-from models.llama import Int8Linear, explicit_attention, sliding_causal_mask
+from models.llama import Int4Linear, Int8Linear, explicit_attention, sliding_causal_mask
 
 pytestmark = pytest.mark.skipif(not gemv.library(), reason="gemv.c's kernels need an x86-64 CPU with AVX2")
 
@@ -59,6 +59,33 @@ def test_a_row_comes_out_the_same_with_any_batch_and_thread_count(dtype, width):
                     assert torch.equal(fast(x[:M]), torch.cat(alone[:M])), (t, M)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("N, K, group", [(960, 576, 32), (576, 1536, 32), (64, 256, 64), (48, 256, 128)])
+def test_int4_kernel_multiplies_by_the_model_files_int4_weights(N, K, group):
+    torch.manual_seed(N + K)
+    layer = Int4Linear(nn.Linear(K, N, bias=True), group)
+    fast = gemv.GemvLinear(layer)
+    assert fast.max_rows == gemv.MAX_ROWS                   # torch's packing read back
+    with torch.no_grad():
+        # each weight, as the kernel dequantizes it (exactly, in fp32) and as torch's kernel does (rounded to bf16)
+        ours = gemv.gemv(torch.eye(K), fast.weight, fast.scale)                         # (K, N): W^T
+        torchs = layer(torch.eye(K)) - layer.bias
+        assert ((ours - torchs).abs() <= ours.abs() * 2 ** -8 + 1e-6).all()
+        for M in (1, 3, gemv.MAX_ROWS):
+            x = torch.randn(M, K)
+            exact = x.double() @ ours.double() + layer.bias.double()
+            torch.testing.assert_close(fast(x).double(), exact, rtol=1e-5, atol=1e-5)
+            assert torch.equal(torch.cat([fast(x[m:m + 1]) for m in range(M)]), fast(x))   # each row alone
+
+
+def test_an_int4_packing_that_does_not_read_back_stays_with_torch(monkeypatch):
+    layer = Int4Linear(nn.Linear(64, 32))
+    monkeypatch.setattr(gemv, "_int4_orders", lambda N, K: torch.arange(N * K).flip(0))    # a wrong reading
+    fast = gemv.GemvLinear(layer)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert fast.max_rows == 0 and torch.equal(fast(x), layer(x))
 
 
 def test_many_rows_go_to_the_layer_itself():
@@ -126,22 +153,23 @@ GLUS = {"llama": gemv.GLU_SILU, "qwen": gemv.GLU_SILU, "phi": gemv.GLU_SILU, "ge
 
 
 def tiny_mlp(family, dtype, seed=0):
-    """A model file's MLP (576 wide, 1536 inside: SmolLM2's), in fp32, bf16 or int8 (fp32 activations), with its
+    """A model file's MLP (576 wide, 1536 inside: SmolLM2's), in fp32, bf16, int8 or int4 (fp32 activations), with its
     layers behind the kernels as use_for_decoding leaves them; and the dtype of its activations."""
     import importlib
     module = importlib.import_module(f"models.{family}")
     torch.manual_seed(seed)
     config = module.Config(dim=576, intermediate_size=1536, n_layer=1, n_head=9, n_kv_head=3, vocab_size=100)
     mlp = module.MLP(config)
-    if dtype == "int8":
-        mlp.gate_up, mlp.down, dtype = module.Int8Linear(mlp.gate_up), module.Int8Linear(mlp.down), torch.float32
+    if dtype in ("int8", "int4"):
+        quantized = module.Int8Linear if dtype == "int8" else module.Int4Linear
+        mlp.gate_up, mlp.down, dtype = quantized(mlp.gate_up), quantized(mlp.down), torch.float32
     elif dtype == torch.bfloat16:
         mlp = mlp.to(dtype)
     mlp.gate_up, mlp.down = gemv.GemvLinear(mlp.gate_up), gemv.GemvLinear(mlp.down)
     return mlp, dtype
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8", "int4"])
 @pytest.mark.parametrize("family", GLUS)
 def test_glu_kernel_computes_each_model_files_mlp(family, dtype):
     mlp, x_dtype = tiny_mlp(family, dtype, seed=len(family))
@@ -151,7 +179,7 @@ def test_glu_kernel_computes_each_model_files_mlp(family, dtype):
     with torch.no_grad():
         ours, theirs = fast(x), mlp(x)
         assert ours.dtype == x_dtype and ours.shape == x.shape
-        if x_dtype == torch.bfloat16:     # bf16: the model file's roundings (gate_up's, the activation's, the product's)
+        if x_dtype == torch.bfloat16:     # bf16: the model file's roundings (gate_up's, activation's, product's)
             assert torch.equal(ours, theirs)
         else:                             # fp32: the same up to the activation's last bit
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -250,3 +278,24 @@ def test_bench_counts_each_weight_once_behind_the_kernels(tied):
     generate.prepare_for_inference(model)
     assert isinstance(model.lm_head, gemv.GemvLinear)
     assert bench_generate.bytes_per_token(model, 16) == expected
+
+
+def test_bench_counts_what_the_int4_kernel_reads():
+    # int4 behind the kernel: its unpacked copy (half a byte a weight, as torch's packing) and fp32 (scale, zero)
+    # pairs, 8 bytes per group of 32 (the layer's own are bf16: 4)
+    import bench_generate
+    import generate
+    from models.llama import Config, Transformer
+    config = Config(vocab_size=256, n_layer=1, n_head=4, n_kv_head=2, dim=64, intermediate_size=96, max_seq_len=32)
+    model = Transformer(config).eval()
+    model.setup_cache(1, 32)
+    generate.prepare_for_inference(model, "int4")
+    int4 = [m for m in model.modules() if isinstance(m, gemv.GemvLinear) and m.weight.dtype == torch.uint8]
+    assert int4 and all(m.max_rows for m in int4)
+    before = sum(m.layer.weight.numel() + m.layer.scale_zero.numel() * 2 for m in int4)
+    after = sum(m.weight.numel() + m.scale.numel() * 4 for m in int4)
+    assert after == before + sum(m.layer.scale_zero.numel() * 2 for m in int4)
+    swapped = bench_generate.bytes_per_token(model, 16)
+    for m in int4:
+        m.max_rows = 0                                       # the layers themselves: what torch's kernel reads
+    assert swapped == bench_generate.bytes_per_token(model, 16) + after - before

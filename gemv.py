@@ -263,9 +263,9 @@ def nibbles(packed: torch.Tensor) -> torch.Tensor:
 def int4_rows(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A model file's Int4Linear in gemv.c's int4 layout: its values q in [0, 15] (w = (q - 8) * scale + zero), 16
     bytes per 32, byte i holding value i in its low half and value i + 16 in its high half, and its (scale,
-    zero - 8 * scale) pairs per output row, fp32 (N, K / G, 2) (what the kernel multiplies and adds: in bf16 it took as
-    long as int8). Checked against the layer itself on random rows; None where it does not agree (a packing this
-    cannot read)."""
+    zero - 8 * scale) pairs per output row, fp32 (N, K / G, 2): what the kernel multiplies and adds, with no
+    conversion per block. Checked against the layer itself on random rows; None where it does not agree (a packing
+    this cannot read)."""
     N, K, G = layer.out_features, layer.in_features, layer.group_size
     if (order := _int4_orders(N, K)) is None:
         return None

@@ -106,15 +106,15 @@ def bytes_per_token(model, positions: int) -> int:
     scales), only one row of the embedding table (unless the head reads it too), and the keys and values of
     `positions` cached positions."""
     stored = {}                                            # data_ptr -> bytes: a tensor and its views once
-    kernels = [m for m in model.modules() if type(m).__name__ == "GemvLinear" and m.max_rows]
-    behind = {id(m.layer) for m in kernels}
+    kernel = {id(m): m for m in model.modules() if type(m).__name__ == "GemvLinear" and m.max_rows}
+    behind = {id(m.layer) for m in kernel.values()}       # layers the kernel multiplies instead, from its own tensors
     for module in model.modules():
-        if id(module) in behind:                           # (what the kernel reads instead: below)
+        if id(module) in behind:
             continue
         tensors = list(module.parameters(recurse=False))
         if type(module).__name__.endswith("Linear"):
             tensors += list(module.buffers(recurse=False))
-        if module in kernels:
+        if id(module) in kernel:
             tensors += [t for t in (module.weight, module.scale, module.bias) if t is not None]
         stored.update((t.data_ptr(), t.numel() * t.element_size()) for t in tensors)
     total = sum(stored.values())

@@ -75,10 +75,10 @@ static inline __m256 int8x8(const int8_t *p) {          /* 8 int8 -> 8 fp32 */
    half, the odd one in the high half. Widening the odd ones is a mask (the high half already is an fp32) and the even
    ones a shift: two instructions for 16 weights. So in a block of 32 elements the kernel meets the weights in the
    order (even elements of the first 16, odd of the first 16, even of the last 16, odd of the last 16), and x is put
-   in that order once per call (x_rows) to be multiplied with them. int4 rows (generate.py's copy of a model file's
+   in that order once per call (x_rows) to be multiplied with them. int4 rows (gemv.py's copy of a model file's
    Int4Linear) hold each block of 32 in 16 bytes, byte i element i in its low half and element i + 16 in its high
-   half: the elements in their own order, with a (scale, zero) pair per group of G elements (a power of two, 32 or
-   more), w = (q - 8) * scale + zero, widened in registers as the rest. */
+   half: the elements in their own order, with an fp32 (scale, zero - 8 * scale) pair per group of G elements (a
+   power of two, 32 or more), w = (q - 8) * scale + zero, widened in registers as the rest. */
 enum { W_F32, W_INT8, W_BF16, W_INT4 };
 
 static inline int64_t bytes_of(int64_t k, int kind) {       /* of k elements of a row */

@@ -251,7 +251,7 @@ def int4_order(N: int, K: int) -> torch.Tensor | None:
     return source if torch.equal(source.sort().values, index) else None
 
 
-_int4_orders = functools.cache(int4_order)                # one per shape: a model's layers share a few
+_int4_orders = functools.cache(int4_order)      # one per shape, a model's layers share a few (cleared after each swap)
 
 
 def nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -313,6 +313,7 @@ def use_for_decoding(model: nn.Module) -> bool:
                 setattr(parent, name, GemvLinear(child))
             elif type(child).__name__ == "RMSNorm" and (offset := rms_norm_offset(child)) is not None:
                 setattr(parent, name, GemvRMSNorm(child, offset))
+    _int4_orders.cache_clear()                  # (an 8B model's are hundreds of MB: not kept after its layers)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__ == "MLP" and (glu := glu_activation(child)) is not None:

@@ -277,49 +277,113 @@ static inline float load1(const void *p, int64_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+/* One query head's attention over its key/value head's S cached positions k, v (S, D): q (D,) in fp32, m the additive
+   mask (S,), y (D,) written in the cache's dtype */
+static void attend_head(const float *q, const void *k, const void *v, const float *m, int64_t S, int64_t D,
+                        float scale, float softcap, int bf16, void *y) {
+    /* Only the positions between the first and the last the mask lets through: a decoding cache is longer than what
+       is written in it (LLM rounds its length up), and a masked position's weight is exactly 0 */
+    int64_t lo = 0, hi = S;
+    while (hi > 0 && m[hi - 1] == -INFINITY) hi--;
+    while (lo < hi && m[lo] == -INFINITY) lo++;
+    float *scores = malloc(sizeof(float) * S), *out = malloc(sizeof(float) * D), top = -INFINITY;
+    for (int64_t s = lo; s < hi; s++) {                      /* scores, and the largest */
+        __m256 acc = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, s * D + d, bf16), acc);
+        float dot = sum8(acc);
+        for (; d < D; d++) dot += q[d] * load1(k, s * D + d, bf16);
+        dot *= scale;
+        if (softcap > 0) dot = softcap * tanhf(dot / softcap);
+        scores[s] = dot + m[s];
+        if (scores[s] > top) top = scores[s];
+    }
+    float total = 0;
+    for (int64_t d = 0; d < D; d++) out[d] = 0;
+    for (int64_t s = lo; s < hi && top > -INFINITY; s++) {     /* (every position masked: zeros, not NaN) */
+        float p = expf(scores[s] - top);                      /* softmax's numerator; masked positions give 0 */
+        if (p == 0) continue;
+        total += p;
+        __m256 pv = _mm256_set1_ps(p);
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8)
+            _mm256_storeu_ps(out + d, _mm256_fmadd_ps(pv, load8(v, s * D + d, bf16), _mm256_loadu_ps(out + d)));
+        for (; d < D; d++) out[d] += p * load1(v, s * D + d, bf16);
+    }
+    for (int64_t d = 0; d < D; d++) store(y, d, total > 0 ? out[d] / total : 0, bf16);
+    free(scores);
+    free(out);
+}
+
 void attend_one(const void *q, const void *k, const void *v, const float *mask, int mask_rows, void *y,
                 int64_t B, int64_t H, int64_t K, int64_t S, int64_t D, float scale, float softcap, int bf16) {
     const int64_t G = H / K;                                 /* query heads per key/value head */
+    const size_t e = bf16 ? 2 : 4;                           /* bytes an element */
     #pragma omp parallel for schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
-        const int64_t b = bh / H, h = bh % H;
-        const int64_t kv = (b * K + h / G) * S * D;          /* this head's keys and values start here */
-        const float *m = mask + (mask_rows ? b * S : 0);
-        /* Only the positions between the first and the last the mask lets through: a decoding cache is longer than
-           what is written in it (LLM rounds its length up), and a masked position's weight is exactly 0 */
-        int64_t lo = 0, hi = S;
-        while (hi > 0 && m[hi - 1] == -INFINITY) hi--;
-        while (lo < hi && m[lo] == -INFINITY) lo++;
-        float *scores = malloc(sizeof(float) * S), *out = malloc(sizeof(float) * D), top = -INFINITY;
-        for (int64_t s = lo; s < hi; s++) {                  /* scores, and the largest */
-            __m256 acc = _mm256_setzero_ps();
-            int64_t d = 0;
-            for (; d + 8 <= D; d += 8)
-                acc = _mm256_fmadd_ps(load8(q, bh * D + d, bf16), load8(k, kv + s * D + d, bf16), acc);
-            float dot = sum8(acc);
-            for (; d < D; d++) dot += load1(q, bh * D + d, bf16) * load1(k, kv + s * D + d, bf16);
-            dot *= scale;
-            if (softcap > 0) dot = softcap * tanhf(dot / softcap);
-            scores[s] = dot + m[s];
-            if (scores[s] > top) top = scores[s];
-        }
-        float total = 0;
-        for (int64_t d = 0; d < D; d++) out[d] = 0;
-        for (int64_t s = lo; s < hi && top > -INFINITY; s++) {  /* (every position masked: zeros, not NaN) */
-            float p = expf(scores[s] - top);                  /* softmax's numerator; masked positions give 0 */
-            if (p == 0) continue;
-            total += p;
-            __m256 pv = _mm256_set1_ps(p);
-            int64_t d = 0;
-            for (; d + 8 <= D; d += 8) {
-                __m256 sum = _mm256_fmadd_ps(pv, load8(v, kv + s * D + d, bf16), _mm256_loadu_ps(out + d));
-                _mm256_storeu_ps(out + d, sum);
+        const int64_t b = bh / H, h = bh % H, kv = (b * K + h / G) * S * D;     /* this head's keys and values */
+        float *qf = malloc(sizeof(float) * D);
+        for (int64_t d = 0; d < D; d++) qf[d] = load1(q, bh * D + d, bf16);
+        attend_head(qf, (const char *)k + kv * e, (const char *)v + kv * e, mask + (mask_rows ? b * S : 0), S, D,
+                    scale, softcap, bf16, (char *)y + bh * D * e);
+        free(qf);
+    }
+}
+
+/* RoPE on one head's D values x (strided: element d at x[d]) into out (D,), fp32, what the model files' apply_rope
+   computes: the first R channels rotate in pairs (i, i + R/2), out = x * cos + roll(x, R/2) * sin with the tables'
+   sin signed (-sin, sin); the channels from R on (Phi-2's partial rotary) are copied. In bf16 each product and the
+   sum are rounded to bf16, as torch's ops round them; no product is fused into the sum (the asm statements keep the
+   compiler from contracting them into an FMA, which rounds once). */
+static void rope_head(const void *x, const void *cos, const void *sin, int64_t R, int64_t D, int bf16, float *out) {
+    for (int64_t d = 0; d < D; d++) {
+        const float v = load1(x, d, bf16);
+        if (d >= R) { out[d] = v; continue; }
+        float a = v * load1(cos, d, bf16), b = load1(x, d < R / 2 ? d + R / 2 : d - R / 2, bf16) * load1(sin, d, bf16);
+        __asm__("" : "+x"(a));
+        __asm__("" : "+x"(b));
+        if (bf16) { a = bf16_to_f32(f32_to_bf16(a)); b = bf16_to_f32(f32_to_bf16(b)); }
+        const float sum = a + b;
+        out[d] = bf16 ? bf16_to_f32(f32_to_bf16(sum)) : sum;
+    }
+}
+
+/* A model file's Attention for one query per sequence, from q, k, v before RoPE: RoPE on q and k, k and v written into
+   the KV cache at each sequence's position, attention over the cache (attend_head): what apply_rope, KVCache.update
+   and the explicit attention compute there, in one call (in torch they are about 20 small ops a layer).
+   q (B, H, D), k, v (B, K, D): element (b, h, d) at b * qs[0] + h * qs[1] + d (strided views of the qkv projection);
+   cos, sin (R columns): one row for every sequence (cs_rows 0) or one each (B, R); cache_k, cache_v (B, K, S, D),
+   these sequences' rows; pos: the position each writes at, one for all (pos_rows 0) or one each (B,); mask as
+   attend_one's; y (B, H, D).
+   Everything in the cache's dtype, fp32 or bf16. */
+void rope_attend(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v, const int64_t *vs,
+                 const void *cos, const void *sin, int cs_rows, int64_t R, void *cache_k, void *cache_v,
+                 const int64_t *pos, int pos_rows, const float *mask, int mask_rows, void *y, int64_t B, int64_t H,
+                 int64_t K, int64_t S, int64_t D, float scale, float softcap, int bf16) {
+    const size_t e = bf16 ? 2 : 4;
+    float *rotated = malloc(sizeof(float) * D);
+    for (int64_t b = 0; b < B; b++)                          /* the cache writes first: a few hundred values */
+        for (int64_t h = 0; h < K; h++) {
+            const int64_t at = ((b * K + h) * S + pos[pos_rows ? b : 0]) * D;
+            const int64_t cs = (cs_rows ? b : 0) * R;
+            rope_head((const char *)k + (b * ks[0] + h * ks[1]) * e, (const char *)cos + cs * e,
+                      (const char *)sin + cs * e, R, D, bf16, rotated);
+            for (int64_t d = 0; d < D; d++) {
+                store(cache_k, at + d, rotated[d], bf16);
+                store(cache_v, at + d, load1((const char *)v + (b * vs[0] + h * vs[1]) * e, d, bf16), bf16);
             }
-            for (; d < D; d++) out[d] += p * load1(v, kv + s * D + d, bf16);
         }
-        for (int64_t d = 0; d < D; d++) store(y, bh * D + d, total > 0 ? out[d] / total : 0, bf16);
-        free(scores);
-        free(out);
+    free(rotated);
+    const int64_t G = H / K;
+    #pragma omp parallel for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H, kv = (b * K + h / G) * S * D, cs = (cs_rows ? b : 0) * R;
+        float *qf = malloc(sizeof(float) * D);
+        rope_head((const char *)q + (b * qs[0] + h * qs[1]) * e, (const char *)cos + cs * e, (const char *)sin + cs * e,
+                  R, D, bf16, qf);
+        attend_head(qf, (const char *)cache_k + kv * e, (const char *)cache_v + kv * e, mask + (mask_rows ? b * S : 0),
+                    S, D, scale, softcap, bf16, (char *)y + bh * D * e);
+        free(qf);
     }
 }
 

@@ -122,13 +122,68 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
                softcap: float | None = None) -> torch.Tensor:
     """A model file's attention for one query per sequence, the decode step's: q (B, H, 1, D); k, v (B, K, S, D),
     fp32 or bf16 (the KV cache's rows); mask additive, broadcasting to (B, 1, 1, S), or None (S == 1) -> (B, H, 1, D).
-    Computed in fp32 (the model files' explicit path multiplies in q's dtype). What generate.py sets as the model
-    files' Attention.decode_attention."""
+    Computed in fp32 (the model files' explicit path multiplies in q's dtype)."""
     library()
     return torch.ops.flatlm.attend_one.default(q, k, v, mask, scale, softcap)
 
 
-decode_attention = attend_one
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The model files' RoPE (their apply_rope): x (..., D), cos and sin (..., R) with R <= D and the sin's first half
+    negated; the channel pairs (i, i + R/2) of the first R rotate, x * cos + roll(x, R/2) * sin, and the channels from
+    R on stay as they are (Phi-2's partial rotary)."""
+    R = cos.size(-1)
+    rotated = x[..., :R] * cos + x[..., :R].roll(R // 2, dims=-1) * sin
+    return rotated if R == x.size(-1) else torch.cat([rotated, x[..., R:]], dim=-1)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     cache: nn.Module, input_pos: torch.Tensor, rows: slice, mask: torch.Tensor | None, scale: float,
+                     softcap: float | None = None) -> torch.Tensor:
+    """What generate.py's CPU decoding sets as the model files' Attention.decode_attention: their attention for one
+    query per sequence, from q (B, H, 1, D) and k, v (B, K, 1, D) before RoPE (Attention.heads without cos and sin):
+    RoPE on q and k, k and v written into the layer's KVCache (cache) rows `rows` at input_pos ((1,) or (B, 1)), and
+    attention over those rows with mask, scale and softcap (Gemma 2) -> (B, H, 1, D). One kernel call (rope_attend)
+    where it can: in torch these are about 20 small ops a layer, 1.5-2 ms of an 11 ms int8 SmolLM2-135M token on a
+    2-core EPYC. Inside torch.compile (which fuses them itself), rope, the cache's own update and attend_one."""
+    dtype = q.dtype
+    if not torch.compiler.is_compiling() and rows.step in (None, 1) and (rows.start or 0) >= 0 and \
+            cache.k.dtype == dtype and cos.dtype == dtype and cache.k.is_contiguous() and cache.v.is_contiguous():
+        return torch.ops.flatlm.rope_attend.default(q, k, v, cos, sin, cache.k, cache.v, rows.start or 0, input_pos,
+                                                    mask, scale, softcap)
+    k, v = cache.update(input_pos, rope(k, cos, sin), v, rows)
+    return attend_one(rope(q, cos, sin), k, v, mask, scale, softcap)
+
+
+_rope_fits: dict[type, bool] = {}
+
+
+def rope_fits(attention: nn.Module) -> bool:
+    """Whether this attention layer's class (a model file's Attention, or a fork's) rotates q and k as rope does, so
+    that decode_attention may stand in for it: its heads(x, cos, sin) against rope on heads(x, None, None) (q, k and
+    v before RoPE), on random values, once per class. A fork that rotates otherwise (interleaved pairs, say) keeps its
+    own code."""
+    kind = type(attention)
+    if kind not in _rope_fits:
+        _rope_fits[kind] = False
+        qkv, config = getattr(attention, "qkv", None), getattr(attention, "config", None)
+        cache = getattr(attention, "kv_cache", None)
+        weight = getattr(qkv, "weight", None)
+        dtype = cache.k.dtype if cache is not None else weight.dtype if weight is not None and \
+            weight.is_floating_point() else torch.float32
+        try:
+            with torch.no_grad():
+                generator = torch.Generator().manual_seed(0)
+                x = torch.randn(2, 1, qkv.in_features, generator=generator).to(dtype)
+                angles = 6 * torch.rand(1, config.head_dim // 2, generator=generator)
+                cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)
+                sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype)
+                q, k, v = attention.heads(x, None, None)
+                got = rope(q, cos, sin), rope(k, cos, sin), v
+                expected = attention.heads(x, cos, sin)
+                _rope_fits[kind] = len(expected) == 3 and all(torch.equal(a, b) for a, b in zip(got, expected))
+        except Exception:                        # not a model file's Attention: heads needs cos and sin, or more
+            pass
+    return _rope_fits[kind]
 
 
 def fast_rows(dtype: torch.dtype) -> bool:

@@ -1,4 +1,4 @@
-// gemv.c's kernels as torch operators, flatlm::gemv, flatlm::attend_one and flatlm::rms_norm: what gemv.py loads (one
+// gemv.c's kernels as torch operators, flatlm::gemv, attend_one, rope_attend and rms_norm: what gemv.py loads (one
 // library with gemv.c, compiled on first use) and what decoding on a CPU calls. An operator written in C++ costs about
 // 6 us a call from Python, allocation included; the same operator with a Python body cost 16, and ctypes with its
 // Python wrapper 9-12: a decode step makes about 200 calls. torch.compile calls them as they are.
@@ -14,6 +14,10 @@ void gemv(const void *x, const void *w, int kind, const void *scale, int64_t gro
 void attend_one(const void *q, const void *k, const void *v, const float *mask, int mask_rows, void *y, int64_t B,
                 int64_t H, int64_t K, int64_t S, int64_t D, float scale, float softcap, int bf16);
 void rms_norm(const void *x, const void *w, void *y, int64_t M, int64_t C, float eps, int offset, int bf16);
+void rope_attend(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v, const int64_t *vs,
+                 const void *cos, const void *sin, int cs_rows, int64_t R, void *cache_k, void *cache_v,
+                 const int64_t *pos, int pos_rows, const float *mask, int mask_rows, void *y, int64_t B, int64_t H,
+                 int64_t K, int64_t S, int64_t D, float scale, float softcap, int bf16);
 }
 
 static bool fp32_or_bf16(const at::Tensor &t) {
@@ -102,6 +106,59 @@ static at::Tensor attend_one_op(const at::Tensor &q_in, const at::Tensor &k_in, 
     return y;
 }
 
+// A model file's Attention for one query per sequence from q (B, H, 1, D), k, v (B, K, 1, D) before RoPE (views of
+// the qkv projection: each head's D values contiguous): RoPE with cos, sin (R <= D columns, one row or one per
+// sequence), k and v written into cache_k, cache_v (the cache's buffers, (rows, K, S, D)) at cache row row0 + b and
+// position pos (one for all or one per sequence), attention over those cache rows with mask as attend_one's ->
+// (B, H, 1, D). All in one dtype, fp32 or bf16 (the int64 positions aside). See gemv.c's rope_attend.
+static at::Tensor rope_attend_op(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                 const at::Tensor &cos_in, const at::Tensor &sin_in, at::Tensor &cache_k,
+                                 at::Tensor &cache_v, int64_t row0, const at::Tensor &pos_in,
+                                 const std::optional<at::Tensor> &mask_in, double scale,
+                                 std::optional<double> softcap) {
+    TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && k.size(2) == 1 && v.sizes() == k.sizes() &&
+                    cache_k.dim() == 4 && cache_v.sizes() == cache_k.sizes(),
+                "flatlm::rope_attend: q must be (B, H, 1, D), k, v (B, K, 1, D) and the caches (rows, K, S, D), got ",
+                q.sizes(), ", ", k.sizes(), ", ", v.sizes(), ", ", cache_k.sizes());
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(3), K = k.size(1), S = cache_k.size(2);
+    const auto dtype = q.scalar_type();
+    TORCH_CHECK(fp32_or_bf16(q) && k.scalar_type() == dtype && v.scalar_type() == dtype &&
+                    cos_in.scalar_type() == dtype && sin_in.scalar_type() == dtype &&
+                    cache_k.scalar_type() == dtype && cache_v.scalar_type() == dtype,
+                "flatlm::rope_attend: q, k, v, cos, sin and the caches must all be fp32 or all bf16");
+    TORCH_CHECK(k.size(0) == B && k.size(3) == D && H % K == 0 && cache_k.size(1) == K && cache_k.size(3) == D &&
+                    row0 >= 0 && row0 + B <= cache_k.size(0) && cache_k.is_contiguous() && cache_v.is_contiguous(),
+                "flatlm::rope_attend: q ", q.sizes(), " and k ", k.sizes(), " do not match the caches' rows ", row0,
+                " to ", row0 + B, " of ", cache_k.sizes(), " (contiguous)");
+    TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+                "flatlm::rope_attend: each head's D values of q, k and v must be contiguous");
+    const int64_t R = cos_in.size(-1);
+    const at::Tensor cos = cos_in.reshape({-1, R}).contiguous(), sin = sin_in.reshape({-1, R}).contiguous();
+    TORCH_CHECK(R % 2 == 0 && R <= D && sin.sizes() == cos.sizes() && (cos.size(0) == 1 || cos.size(0) == B),
+                "flatlm::rope_attend: cos and sin must be (1 or B, R) with R even and at most ", D, ", got ",
+                cos_in.sizes(), ", ", sin_in.sizes());
+    const at::Tensor pos = pos_in.to(at::kLong).reshape({-1}).contiguous();
+    TORCH_CHECK(pos.size(0) == 1 || pos.size(0) == B, "flatlm::rope_attend: input_pos ", pos_in.sizes(),
+                " is not one position for all or one per sequence");
+    const int64_t *p = pos.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < pos.size(0); i++)
+        TORCH_CHECK(p[i] >= 0 && p[i] < S, "flatlm::rope_attend: position ", p[i], " is outside the cache's ", S);
+    const at::Tensor mask = mask_in ? mask_in->to(at::kFloat).reshape({-1, S}).contiguous()
+                                    : at::zeros({1, S}, q.options().dtype(at::kFloat));
+    TORCH_CHECK(mask.size(0) == 1 || mask.size(0) == B, "flatlm::rope_attend: mask is not one row per sequence");
+    at::Tensor y = at::empty({B, H, 1, D}, q.options());
+    const int64_t qs[2] = {q.stride(0), q.stride(1)}, ks[2] = {k.stride(0), k.stride(1)}, vs[2] = {v.stride(0),
+                                                                                                  v.stride(1)};
+    const int64_t row = K * S * D * row0;                  // the first of these sequences' cache rows
+    const size_t e = dtype == at::kBFloat16 ? 2 : 4;
+    rope_attend(q.const_data_ptr(), qs, k.const_data_ptr(), ks, v.const_data_ptr(), vs, cos.const_data_ptr(),
+                sin.const_data_ptr(), cos.size(0) > 1, R, static_cast<char *>(cache_k.data_ptr()) + row * e,
+                static_cast<char *>(cache_v.data_ptr()) + row * e, p, pos.size(0) > 1, mask.const_data_ptr<float>(),
+                mask.size(0) > 1, y.data_ptr(), B, H, K, S, D, static_cast<float>(scale),
+                static_cast<float>(softcap.value_or(0.0)), dtype == at::kBFloat16);
+    return y;
+}
+
 // A model file's RMSNorm: x (..., C) and weight (C,), both fp32 or both bf16 -> (..., C) in x's dtype. offset 0:
 // weight * normalised x (Llama, Qwen, Phi-3); 1: (1 + weight) * normalised x (Gemma). See gemv.c's rms_norm.
 static at::Tensor rms_norm_op(const at::Tensor &x_in, const at::Tensor &weight_in, double eps, int64_t offset) {
@@ -122,10 +179,13 @@ TORCH_LIBRARY(flatlm, m) {
     m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int glu=0) -> Tensor");
     m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float? softcap) -> Tensor");
     m.def("rms_norm(Tensor x, Tensor weight, float eps, int offset) -> Tensor");
+    m.def("rope_attend(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
+          "int row0, Tensor pos, Tensor? mask, float scale, float? softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flatlm, CPU, m) {
     m.impl("gemv", &gemv_op);
     m.impl("attend_one", &attend_one_op);
     m.impl("rms_norm", &rms_norm_op);
+    m.impl("rope_attend", &rope_attend_op);
 }

@@ -101,18 +101,20 @@ def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, s: Sam
 @contextmanager
 def explicit_attention(model):
     """Every attention layer of model on the model file's explicit path (Attention.use_sdpa = False) inside the
-    block, and, where gemv.c compiled, one query per sequence through its kernel (Attention.decode_attention). For
-    one query per sequence on a CPU, torch's SDPA kernel, made for long blocks of queries, is slow: SmolLM2-135M's
-    layer, 256 cached positions, one thread, 330 us in bf16 (it converts its blocks to fp32 and back) on an AVX-512
-    EPYC; the explicit path's three small ops 60 us there, but 280 us on an AVX2 one (torch has no fast bf16 matmul
-    for it), where gemv.attend_one, one call computing in fp32, takes 70 (measured on a loaded machine: every
-    figure here shrinks on a quiet one). The engine also needs the row-invariance of the last two."""
+    block, and, where gemv.c compiled, one query per sequence through its kernel (Attention.decode_attention): RoPE,
+    the KV cache write and the attention in one call (gemv.decode_attention), where the layer rotates as that does
+    (gemv.rope_fits). For one query per sequence on a CPU, torch's SDPA kernel, made for long blocks of queries, is
+    slow: SmolLM2-135M's layer, 256 cached positions, one thread, 330 us in bf16 (it converts its blocks to fp32 and
+    back) on an AVX-512 EPYC; the explicit path's three small ops 60 us there, but 280 us on an AVX2 one (torch has no
+    fast bf16 matmul for it), where gemv.attend_one, one call computing in fp32, takes 70 (measured on a loaded
+    machine: every figure here shrinks on a quiet one). The engine also needs the row-invariance of the last two."""
     # (Plain attributes, written into each module's __dict__: nn.Module's __setattr__ would cost 1 ms a token.)
-    layers = [vars(block.attn) for block in model.layers if hasattr(block.attn, "use_sdpa")]
+    modules = [block.attn for block in model.layers if hasattr(block.attn, "use_sdpa")]
+    layers = [vars(attn) for attn in modules]
     saved = [{name: attn[name] for name in ("use_sdpa", "decode_attention") if name in attn} for attn in layers]
     kernel = gemv.decode_attention if model.tok_embeddings.weight.device.type == "cpu" and gemv.library() else None
-    for attn in layers:
-        attn["use_sdpa"], attn["decode_attention"] = False, kernel
+    for module, attn in zip(modules, layers):
+        attn["use_sdpa"], attn["decode_attention"] = False, kernel if kernel and gemv.rope_fits(module) else None
     try:
         yield
     finally:

@@ -1,6 +1,7 @@
 """gemv.c's decoding kernels against float64 references and the model files' explicit attention; row-invariance
 (the engine's batch invariance rests on it); and decoding without them (no compiler: torch's kernels)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import torch.nn as nn
 
 import gemv
 from models.gemma import Config as GemmaConfig
-from models.llama import Int4Linear, Int8Linear, explicit_attention, sliding_causal_mask
+from models import llama, phi
+from models.llama import Int4Linear, Int8Linear, KVCache, explicit_attention, sliding_causal_mask
 
 pytestmark = pytest.mark.skipif(not gemv.library(), reason="gemv.c's kernels need an x86-64 CPU with AVX2")
 
@@ -241,6 +243,86 @@ def test_attend_one_equals_the_explicit_attention(dtype, B, H, K, S, D, window, 
     # a cache longer than what is written in it (its masked tail is skipped): the same numbers as one cut to length
     n = int(positions.max()) + 1
     assert torch.equal(gemv.attend_one(q, k[:, :, :n], v[:, :, :n], mask[..., :n], D ** -0.5, softcap), ours)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, H, K, D, R, rows, shared", [
+    (1, 9, 3, 64, 64, (0, 1), True),         # SmolLM2-135M's heads, one sequence
+    (3, 4, 2, 16, 16, (1, 4), False),        # the engine's batch: cache rows 1-3, each at its own position
+    (2, 8, 8, 32, 16, (0, 2), False),        # Phi-2's partial rotary: the first R of D channels rotate
+    (2, 4, 4, 12, 12, (0, 2), True),         # D not a multiple of 8, one position for all rows
+])
+def test_rope_attend_equals_rope_cache_write_and_attend_one(dtype, B, H, K, D, R, rows, shared):
+    # decode_attention's one call against what it stands in for: the model files' RoPE (gemv.rope, itself checked
+    # against their apply_rope), KVCache.update and attend_one. The same bits, in the output and the cache.
+    torch.manual_seed(B * H * D)
+    S, rows = 40, slice(*rows)
+    qkv = torch.randn(B, 1, H + 2 * K, D, dtype=dtype).transpose(1, 2)      # (B, H + 2K, 1, D), as heads() gives
+    q, k, v = qkv[:, :H], qkv[:, H:H + K], qkv[:, H + K:]
+    positions = torch.tensor([[11]]).expand(B, 1) if shared else torch.randint(0, S, (B, 1))
+    angles = positions[..., None] * torch.rand(R // 2) * 0.7                 # (B, 1, R/2)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)[:, None]  # (B, 1, 1, R), as the models give
+    sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype)[:, None]
+    input_pos = positions[0] if shared else positions                         # (1,) or (B, 1)
+    mask = sliding_causal_mask(input_pos, torch.arange(S), None, dtype)
+    mask = mask if shared else mask[:, None]
+    if shared:
+        cos, sin = cos[0, 0], sin[0, 0]                                       # (1, R)
+    earlier = torch.randn(2, 4, K, S, D, dtype=dtype)                        # earlier positions' keys and values
+    caches = [KVCache(4, K, S, D, dtype=dtype) for _ in range(2)]
+    for cache in caches:
+        cache.k.copy_(earlier[0])
+        cache.v.copy_(earlier[1])
+    ours = gemv.decode_attention(q, k, v, cos, sin, caches[0], input_pos, rows, mask, D ** -0.5)
+    k_cache, v_cache = caches[1].update(input_pos, gemv.rope(k, cos, sin), v, rows)
+    theirs = gemv.attend_one(gemv.rope(q, cos, sin), k_cache, v_cache, mask, D ** -0.5)
+    assert ours.dtype == dtype and torch.equal(ours, theirs)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    # gemv.rope is the model files' RoPE: Llama's (full), Phi's (full or partial)
+    if R == D:
+        assert torch.equal(gemv.rope(q, cos, sin), llama.apply_rope(q, cos, sin))
+    assert torch.equal(gemv.rope(q, cos, sin), phi.apply_rope(q, cos, sin))
+
+
+def test_a_fork_that_rotates_otherwise_keeps_its_own_attention(tiny_dir):
+    # decode_attention computes the model files' RoPE ("rotate half"): a fork whose heads() rotates interleaved pairs
+    # (GPT-J's RoPE) is found out by rope_fits and decodes through its own code, with the same numbers as without
+    # generate.py's kernels; the model file's own Attention fits.
+    import generate
+    from generate import LLM
+
+    def interleaved(x, cos, sin):
+        pairs = x.unflatten(-1, (-1, 2))                                      # (x0, x1), (x2, x3), ...
+        c, s = cos[..., : x.size(-1) // 2, None], sin[..., x.size(-1) // 2:, None]
+        return torch.stack([pairs[..., 0] * c[..., 0] - pairs[..., 1] * s[..., 0],
+                            pairs[..., 1] * c[..., 0] + pairs[..., 0] * s[..., 0]], dim=-1).flatten(-2)
+
+    class Fork(llama.Attention):
+        def heads(self, x, cos, sin):
+            q, k, v = super().heads(x, None, None)
+            return (q, k, v) if cos is None else (interleaved(q, cos, sin), interleaved(k, cos, sin), v)
+
+    model = LLM.load(tiny_dir).model
+    assert gemv.rope_fits(model.layers[0].attn)
+    for block in model.layers:
+        block.attn.__class__ = Fork
+    assert not gemv.rope_fits(model.layers[0].attn)
+    ids = torch.tensor([list(range(5, 17))])
+
+    def decode(kernel=None):                 # the logits of 4 cached steps after a prompt of 12
+        model.setup_cache(1, 32)
+        with torch.inference_mode(), generate.explicit_attention(model) if kernel else contextlib.nullcontext():
+            if kernel == "forced":
+                for block in model.layers:
+                    vars(block.attn)["decode_attention"] = gemv.decode_attention
+            model(ids, torch.arange(12))
+            return torch.cat([model(torch.tensor([[20 + t]]), torch.tensor([12 + t])) for t in range(4)], dim=1)
+
+    with torch.inference_mode(), generate.explicit_attention(model):
+        assert all(vars(block.attn)["decode_attention"] is None for block in model.layers)
+    own = decode()                           # the fork's own SDPA path, no kernels
+    torch.testing.assert_close(decode("generate"), own, atol=1e-4, rtol=0)
+    assert (decode("forced") - own).abs().max() > 1e-2                    # (the kernel's RoPE is not the fork's)
 
 
 def test_without_a_compiler_decoding_uses_torch_and_says_so(tiny_dir, tmp_path):

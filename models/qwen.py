@@ -350,26 +350,31 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def heads(self, x, cos, sin):
-        # x: (B, T, C) -> q, k, v split into heads, with RoPE applied to q and k
+        # x: (B, T, C) -> q, k, v split into heads, with RoPE applied to q and k (not without cos and sin)
         B, T, _ = x.shape
         H, K, D = self.config.n_head, self.config.n_kv_head, self.config.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)          # (B, H + 2K, T, D)
         qk = qkv[:, : H + K]
         if self.config.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
-        qk = apply_rope(qk, cos, sin)                                      # rotate q and k in one go
+        if cos is not None:
+            qk = apply_rope(qk, cos, sin)                                  # rotate q and k in one go
         return qk[:, :H], qk[:, H:], qkv[:, H + K:]                       # q (B, H, T, D); k, v (B, K, T, D)
 
     def forward(self, x, cos, sin, mask, input_pos=None, cache_rows=None):
         B, T, _ = x.shape
         H, K, D = self.config.n_head, self.config.n_kv_head, self.config.head_dim
+        rows = slice(0, B) if cache_rows is None else cache_rows           # the cache rows of this batch
+        if T == 1 and self.decode_attention is not None and self.kv_cache is not None and input_pos is not None:
+            # decoding on a CPU (generate.py): what the lines below compute for one query per sequence (RoPE, the
+            # cache write, attention), in one kernel call from q, k and v before RoPE
+            y = self.decode_attention(*self.heads(x, None, None), cos, sin, self.kv_cache, input_pos, rows, mask,
+                                      1 / math.sqrt(D))
+            return self.o(y.view(B, T, H * D))                              # y (B, H, 1, D): heads side by side
         q, k, v = self.heads(x, cos, sin)                                  # (B, H, T, D), (B, K, T, D) x 2
         if self.kv_cache is not None and input_pos is not None:
-            rows = slice(0, B) if cache_rows is None else cache_rows
             k, v = self.kv_cache.update(input_pos, k, v, rows)             # (B, K, S, D)
-        if T == 1 and self.decode_attention is not None:                  # decoding: q (B, H, 1, D)
-            y = self.decode_attention(q, k, v, mask, 1 / math.sqrt(D))     # explicit_attention's result, in fp32
-        elif not self.use_sdpa:
+        if not self.use_sdpa:
             y = explicit_attention(q, k, v, mask)
         elif mask is None:                                                 # plain causal over these T tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != K)

@@ -1,7 +1,8 @@
 /* Matrix-vector products for decoding on an x86 CPU: y = x W^T for a few rows of x (one per sequence decoding),
    W in fp32, bf16, int8 or int4, or a gated MLP's hidden layer act(x W_gate^T) * (x W_up^T) from its gate_up matrix;
-   and the decode step's attention for one query (attend_one) and RMSNorm (rms_norm). gemv.py compiles this file on
-   first use (cc -O3 -march=native -fopenmp) and calls it.
+   and the decode step's attention for one query, with its RoPE and KV cache write (rope_attend; attend_one without
+   them), and RMSNorm (rms_norm). gemv.py compiles this file on first use (cc -O3 -march=native -fopenmp) and calls
+   it.
 
    Decoding one token multiplies one vector by every weight matrix once, so its speed is how fast the weights stream
    from memory; the arithmetic is a few instructions per weight. torch's kernels are made for matrices, not vectors:

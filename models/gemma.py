@@ -353,7 +353,7 @@ class KVCache(nn.Module):
 
 class Attention(nn.Module):
     use_sdpa = True     # False: the explicit path for every layer (generate.py decodes so on a CPU)
-    decode_attention = None   # generate.py's CPU decoding: a kernel for one query per sequence
+    decode_attention = None   # generate.py's CPU decoding: one kernel call for one query per sequence
 
     def __init__(self, config: Config):
         super().__init__()
@@ -389,7 +389,7 @@ class Attention(nn.Module):
             # cache write, attention), in one kernel call from q, k and v before RoPE
             y = self.decode_attention(*self.heads(x, None, None), cos, sin, self.kv_cache, input_pos, rows, mask,
                                       self.scale, cap)
-            return self.o(y.view(B, T, H * D))                              # y (B, H, 1, D): heads side by side
+            return self.o(y.view(B, T, H * D))                             # y (B, H, 1, D): heads side by side
         q, k, v = self.heads(x, cos, sin)                                  # (B, H, T, D), (B, K, T, D) x 2
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, rows)             # (B, K, S, D)

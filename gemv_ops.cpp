@@ -1,8 +1,9 @@
-// gemv.c's kernels as torch operators, flatlm::gemv, attend_one, rope_attend and rms_norm: what gemv.py loads (one
-// library with gemv.c, compiled on first use) and what decoding on a CPU calls. An operator written in C++ costs about
-// 6 us a call from Python, allocation included; the same operator with a Python body cost 16, and ctypes with its
-// Python wrapper 9-12: a decode step makes about 200 calls. torch.compile calls them as they are.
+// gemv.c's kernels as torch operators, flatlm::gemv, attend_one, rope_attend, rms_norm and decode_block: what gemv.py
+// loads (one library with gemv.c, compiled on first use) and what decoding on a CPU calls. An operator written in C++
+// costs about 6 us a call from Python, allocation included; the same operator with a Python body cost 16, and ctypes
+// with its Python wrapper 9-12: a decode step makes about 200 calls. torch.compile calls them as they are.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -175,12 +176,44 @@ static at::Tensor rms_norm_op(const at::Tensor &x_in, const at::Tensor &weight_i
     return y;
 }
 
+// A pre-norm decoder block (Llama, Qwen 2, Mistral, Phi-3, Gemma 1) for one token per sequence, every step above
+// called from here: x + o(attention(qkv(rms_norm(x)))), then + down(glu(gate_up(rms_norm(...)))). x (B, 1, C); the
+// norms' weights, eps and offset; each linear's weight, scale and bias as gemv's; glu as gemv's; cos, sin, the caches,
+// row0, pos, mask, scale and softcap as rope_attend's; H, K, D the heads. The same ops, in the same order, as the
+// block's own forward through gemv.py's modules: the same numbers, without ~40 calls from Python a block.
+static at::Tensor decode_block_op(
+    const at::Tensor &x, const at::Tensor &attn_norm, double attn_eps, int64_t attn_offset, const at::Tensor &qkv,
+    const std::optional<at::Tensor> &qkv_scale, const std::optional<at::Tensor> &qkv_bias, const at::Tensor &o,
+    const std::optional<at::Tensor> &o_scale, const std::optional<at::Tensor> &o_bias, const at::Tensor &mlp_norm,
+    double mlp_eps, int64_t mlp_offset, const at::Tensor &gate_up, const std::optional<at::Tensor> &gate_up_scale,
+    const std::optional<at::Tensor> &gate_up_bias, int64_t glu, const at::Tensor &down,
+    const std::optional<at::Tensor> &down_scale, const std::optional<at::Tensor> &down_bias, const at::Tensor &cos,
+    const at::Tensor &sin, at::Tensor &cache_k, at::Tensor &cache_v, int64_t row0, const at::Tensor &pos,
+    const std::optional<at::Tensor> &mask, double scale, std::optional<double> softcap, int64_t H, int64_t K,
+    int64_t D) {
+    TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "flatlm::decode_block: x must be (B, 1, C), got ", x.sizes());
+    const int64_t B = x.size(0);
+    const at::Tensor heads = gemv_op(rms_norm_op(x, attn_norm, attn_eps, attn_offset), qkv, qkv_scale, qkv_bias, 0)
+                                 .view({B, 1, H + 2 * K, D}).transpose(1, 2);                 // (B, H + 2K, 1, D)
+    const at::Tensor y = rope_attend_op(heads.narrow(1, 0, H), heads.narrow(1, H, K), heads.narrow(1, H + K, K), cos,
+                                        sin, cache_k, cache_v, row0, pos, mask, scale, softcap);
+    const at::Tensor h = at::add(x, gemv_op(y.view({B, 1, H * D}), o, o_scale, o_bias, 0));
+    const at::Tensor hidden = gemv_op(rms_norm_op(h, mlp_norm, mlp_eps, mlp_offset), gate_up, gate_up_scale,
+                                      gate_up_bias, glu);
+    return at::add(h, gemv_op(hidden, down, down_scale, down_bias, 0));
+}
+
 TORCH_LIBRARY(flatlm, m) {
     m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int glu=0) -> Tensor");
     m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float? softcap) -> Tensor");
     m.def("rms_norm(Tensor x, Tensor weight, float eps, int offset) -> Tensor");
     m.def("rope_attend(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
           "int row0, Tensor pos, Tensor? mask, float scale, float? softcap) -> Tensor");
+    m.def("decode_block(Tensor x, Tensor attn_norm, float attn_eps, int attn_offset, Tensor qkv, Tensor? qkv_scale, "
+          "Tensor? qkv_bias, Tensor o, Tensor? o_scale, Tensor? o_bias, Tensor mlp_norm, float mlp_eps, "
+          "int mlp_offset, Tensor gate_up, Tensor? gate_up_scale, Tensor? gate_up_bias, int glu, Tensor down, "
+          "Tensor? down_scale, Tensor? down_bias, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
+          "int row0, Tensor pos, Tensor? mask, float scale, float? softcap, int H, int K, int D) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flatlm, CPU, m) {
@@ -188,4 +221,5 @@ TORCH_LIBRARY_IMPL(flatlm, CPU, m) {
     m.impl("attend_one", &attend_one_op);
     m.impl("rms_norm", &rms_norm_op);
     m.impl("rope_attend", &rope_attend_op);
+    m.impl("decode_block", &decode_block_op);
 }

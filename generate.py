@@ -115,12 +115,20 @@ def explicit_attention(model):
     kernel = gemv.decode_attention if model.tok_embeddings.weight.device.type == "cpu" and gemv.library() else None
     for module, attn in zip(modules, layers):
         attn["use_sdpa"], attn["decode_attention"] = False, kernel if kernel and gemv.rope_fits(module) else None
+    # and each block whose parts are gemv's, as one call (but blocks running a compiled forward: CompiledBlocks)
+    fast = [] if kernel is None else [(vars(block), gemv.decode_block(block)) for block in model.layers
+                                      if "forward" not in vars(block)]
+    fast = [(block, forward) for block, forward in fast if forward is not None]
+    for block, forward in fast:
+        block["forward"] = forward
     try:
         yield
     finally:
         for attn, before in zip(layers, saved):       # the class's defaults again, or what the instance had
             del attn["use_sdpa"], attn["decode_attention"]
             attn.update(before)
+        for block, _ in fast:
+            del block["forward"]
 
 
 def decode_one_token_explicit(model, token: torch.Tensor, input_pos: torch.Tensor, s: Sampling, generator=None):

@@ -304,7 +304,7 @@ class DecodeBlock:
     norms, Qwen 3's q and k norms, a fork's edit) runs as written."""
 
     def __init__(self, block: nn.Module):
-        self.block, self.checked = block, False
+        self.block, self.checked, self.fits = block, False, True
         attn, glu = block.attn, block.mlp
         self.attn, self.linears = attn, (attn.qkv, attn.o, glu.mlp.gate_up, glu.mlp.down)
         self.norms = block.attn_norm, block.mlp_norm
@@ -317,7 +317,7 @@ class DecodeBlock:
         B, T, _ = x.shape
         cache = self.attn.kv_cache
         rows = slice(0, B) if cache_rows is None else cache_rows
-        if T != 1 or input_pos is None or cache is None or x.requires_grad or x.dtype != self.norms[0].weight.dtype \
+        if not self.fits or T != 1 or input_pos is None or cache is None or x.requires_grad or x.dtype != self.norms[0].weight.dtype \
                 or B > min(linear.max_rows for linear in self.linears) or rows.step not in (None, 1) or \
                 (rows.start or 0) < 0 or cache.k.dtype != x.dtype or cos.dtype != x.dtype:
             return type(self.block).forward(self.block, x, cos, sin, mask, input_pos, cache_rows)
@@ -329,8 +329,8 @@ class DecodeBlock:
             *self.heads)
         if not self.checked:           # (the block's own forward writes the same cache positions, after the kernel)
             own = type(self.block).forward(self.block, x, cos, sin, mask, input_pos, cache_rows)
-            self.checked = True
-            if not torch.equal(y, own):
+            self.checked, self.fits = True, torch.equal(y, own)
+            if not self.fits:
                 vars(self.block)["_decode_block"] = None
             return own
         return y

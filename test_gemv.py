@@ -325,6 +325,93 @@ def test_a_fork_that_rotates_otherwise_keeps_its_own_attention(tiny_dir):
     assert (decode("forced") - own).abs().max() > 1e-2                    # (the kernel's RoPE is not the fork's)
 
 
+# which families' blocks decode as one call (DecodeBlock): those built in the Llama order; the others step aside on
+# their first call (Qwen 3's q and k norms, Gemma 2/3's extra norms) or are not built of gemv's modules (Phi-2)
+ONE_CALL = {"llama": True, "mistral": True, "phi3": True, "qwen3": False, "gemma2": False, "gemma3": False,
+            "phi": False}
+
+
+@pytest.mark.parametrize("family", list(ONE_CALL))
+def test_decode_block_gives_the_blocks_own_bits(family, tmp_path):
+    # Decoding with each block as one call against the same model decoding through its blocks' own forward (with
+    # gemv's modules and decode_attention in both): the same logits and KV caches bit for bit, in fp32, bf16 and
+    # int8, one sequence and a batch with each row at its own position and cache row (the engine's decoding).
+    import convert_hf
+    import generate
+    import models
+    from conftest import perturb_
+    from test_generate import family_models
+    from transformers import LlamaConfig, LlamaForCausalLM
+    make = family_models().get(family) or (lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)))
+    torch.manual_seed(0)
+    perturb_(make().eval(), scale=0.5).save_pretrained(tmp_path / "hf")
+    convert_hf.hf_to_native(tmp_path / "hf", tmp_path / "native")
+    for dtype, quantize in [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8")]:
+        results = []
+        for one_call in (True, False):
+            model = generate.prepare_for_inference(models.load(tmp_path / "native", device="cpu", dtype=dtype),
+                                                   quantize)
+            if not one_call:
+                for block in model.layers:
+                    vars(block)["_decode_block"] = None                   # decode_block: none for this block
+            model.setup_cache(4, 64)
+            logits = []
+            with torch.inference_mode():
+                for row, n in enumerate([5, 19, 3]):                       # prompts, each in its own cache row
+                    with generate.explicit_attention(model):
+                        model(torch.arange(10, 10 + n)[None], torch.arange(n), cache_rows=slice(row, row + 1))
+                for t in range(12):                                        # past the sliding windows of 8
+                    with generate.explicit_attention(model):
+                        logits.append(model(torch.tensor([[7 + t]]), torch.tensor([19 + t]), cache_rows=slice(1, 2)))
+                        logits.append(model(torch.tensor([[7], [8], [9]]), torch.tensor([[5 + t], [20 + t], [3 + t]]),
+                                            cache_rows=slice(0, 3)))
+            caches = [t for block in model.layers for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
+            results.append((logits, caches, [gemv.decode_block(block) is not None for block in model.layers]))
+            assert not any("forward" in vars(block) for block in model.layers)  # the blocks' own forward again
+        (ours, our_caches, kept), (theirs, their_caches, _) = results
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), (dtype, quantize)
+        assert all(torch.equal(a, b) for a, b in zip(our_caches, their_caches)), (dtype, quantize)
+        assert kept == [ONE_CALL[family]] * len(kept), (dtype, quantize)
+
+
+def test_a_block_edited_otherwise_keeps_its_own_forward(tiny_dir):
+    # A fork's block built of the same parts but adding the MLP's output at half weight: DecodeBlock's first call
+    # finds the difference, returns the block's own numbers, and the block decodes as written from then on.
+    import generate
+    from generate import LLM
+
+    class Fork(llama.Block):
+        def forward(self, x, cos, sin, mask, input_pos=None, cache_rows=None):
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, cache_rows)
+            return x + 0.5 * self.mlp(self.mlp_norm(x))
+
+    model = LLM.load(tiny_dir).model
+    ids = torch.tensor([list(range(5, 17))])
+
+    def decode(fork, one_call=True):
+        for block in model.layers:
+            block.__class__ = Fork if fork else llama.Block
+            vars(block).pop("_decode_block", None)
+            if not one_call:
+                vars(block)["_decode_block"] = None                       # the blocks' own forward throughout
+        model.setup_cache(1, 32)
+        with torch.inference_mode():
+            model(ids, torch.arange(12))
+            steps = []
+            for t in range(4):
+                with generate.explicit_attention(model):
+                    steps.append(model(torch.tensor([[20 + t]]), torch.tensor([12 + t])))
+        return torch.cat(steps, dim=1), [gemv.decode_block(block) is not None for block in model.layers]
+
+    plain, kept = decode(fork=False)
+    assert kept == [True, True]
+    forked, kept = decode(fork=True)
+    assert kept == [False, False] and (forked - plain).abs().max() > 1e-3      # the fork's numbers, not Block's
+    assert torch.equal(decode(fork=True, one_call=False)[0], forked)           # exactly the fork's own
+
+
 def test_without_a_compiler_decoding_uses_torch_and_says_so(tiny_dir, tmp_path):
     # A fresh process whose compiler fails and whose kernel cache is empty: one line on stderr, the same text
     code = ("from generate import LLM; import gemv; "

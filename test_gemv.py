@@ -412,6 +412,19 @@ def test_a_block_edited_otherwise_keeps_its_own_forward(tiny_dir):
     assert torch.equal(decode(fork=True, one_call=False)[0], forked)           # exactly the fork's own
 
 
+def test_compiled_decoding_leaves_one_call_blocks_to_the_kernel(tiny_dir):
+    # --compile on a CPU compiles only the blocks that do not decode as one call (faster than their graphs): for a
+    # Llama none, and the same greedy text as eager decoding
+    import generate
+    from generate import LLM
+    compiled = LLM.load(tiny_dir, compile=True)
+    blocks = getattr(compiled.decode_fn, "decode_fn", compiled.decode_fn)
+    assert isinstance(blocks, generate.CompiledBlocks)
+    text = compiled.generate("Once upon a time", max_new_tokens=12, temperature=0)
+    assert blocks.graphs == [] and all(gemv.decode_block(block) for block in compiled.model.layers)
+    assert text == LLM.load(tiny_dir).generate("Once upon a time", max_new_tokens=12, temperature=0)
+
+
 def test_without_a_compiler_decoding_uses_torch_and_says_so(tiny_dir, tmp_path):
     # A fresh process whose compiler fails and whose kernel cache is empty: one line on stderr, the same text
     code = ("from generate import LLM; import gemv; "

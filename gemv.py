@@ -294,20 +294,28 @@ def glu_activation(mlp: nn.Module) -> int | None:
 
 
 class DecodeBlock:
-    """A model file's decoder block for one token per sequence as one kernel call (flatlm::decode_block): its norm,
-    qkv, decode_attention, o, residual, norm, gated MLP and residual, the same kernels in the same order as the
-    block's own forward through this file's modules, without the ~40 calls from Python a block that forward makes
-    (about 100 us a block on a 2-core EPYC: a third of an int8 SmolLM2-135M token). What generate.explicit_attention
-    sets as a block's forward while decoding, for a block built of GemvRMSNorm, an Attention whose RoPE fits, and a
-    GemvGLU (decode_block finds them). Its first call computes the block's own forward too, returns that, and keeps to
-    the block's own forward for good if the two differ in a single bit: a block with more in it (Gemma 2's extra
-    norms, Qwen 3's q and k norms, a fork's edit) runs as written."""
+    """A model file's decoder block for one token per sequence as one kernel call (flatlm::decode_block): its norms,
+    qkv, decode_attention, o, gated MLP and residual adds (and where the block has them, Qwen 3's and Gemma 3's q and
+    k norms, Gemma 2's and 3's norms after attention and MLP), the same kernels in the same order as the block's own
+    forward through this file's modules, without the ~40 calls from Python a block that forward makes (about 100 us
+    a block on a 2-core EPYC: a quarter of an int8 SmolLM2-135M token). What generate.explicit_attention sets as a
+    block's forward while decoding, for a block built of gemv's modules whose RoPE fits (decode_block finds them). Its
+    first call computes the block's own forward too, returns that, and keeps to the block's own forward for good if
+    the two differ in a single bit: a block that computes otherwise (a fork's edit) runs as written."""
 
-    def __init__(self, block: nn.Module):
+    NORMS = (("attn_norm",), ("mlp_norm",), ("attn", "q_norm"), ("attn", "k_norm"), ("post_attn_norm",),
+             ("post_mlp_norm",))                  # flatlm::decode_block's order; the last four may be absent
+
+    def __init__(self, block: nn.Module, norms: list):
         self.block, self.checked, self.fits = block, False, True
         attn, glu = block.attn, block.mlp
         self.attn, self.linears = attn, (attn.qkv, attn.o, glu.mlp.gate_up, glu.mlp.down)
-        self.norms = block.attn_norm, block.mlp_norm
+        self.norms = [None if n is None else n.weight for n in norms]
+        self.eps = [0.0 if n is None else n.eps for n in norms]
+        self.offsets = [0 if n is None else n.offset for n in norms]
+        self.weights = [linear.weight for linear in self.linears]
+        self.scales = [linear.scale for linear in self.linears]
+        self.biases = [linear.bias for linear in self.linears]
         c = attn.config
         self.heads = c.n_head, c.n_kv_head, c.head_dim
         self.scale = float(getattr(attn, "scale", c.head_dim ** -0.5))
@@ -317,16 +325,14 @@ class DecodeBlock:
         B, T, _ = x.shape
         cache = self.attn.kv_cache
         rows = slice(0, B) if cache_rows is None else cache_rows
-        if not self.fits or T != 1 or input_pos is None or cache is None or x.requires_grad or x.dtype != self.norms[0].weight.dtype \
-                or B > min(linear.max_rows for linear in self.linears) or rows.step not in (None, 1) or \
-                (rows.start or 0) < 0 or cache.k.dtype != x.dtype or cos.dtype != x.dtype:
+        if not self.fits or T != 1 or input_pos is None or cache is None or x.requires_grad or \
+                x.dtype != self.norms[0].dtype or B > min(linear.max_rows for linear in self.linears) or \
+                rows.step not in (None, 1) or (rows.start or 0) < 0 or cache.k.dtype != x.dtype or \
+                cos.dtype != x.dtype:
             return type(self.block).forward(self.block, x, cos, sin, mask, input_pos, cache_rows)
-        (n1, n2), (qkv, o, gate_up, down) = self.norms, self.linears
         y = torch.ops.flatlm.decode_block.default(
-            x, n1.weight, n1.eps, n1.offset, qkv.weight, qkv.scale, qkv.bias, o.weight, o.scale, o.bias, n2.weight,
-            n2.eps, n2.offset, gate_up.weight, gate_up.scale, gate_up.bias, self.glu, down.weight, down.scale,
-            down.bias, cos, sin, cache.k, cache.v, rows.start or 0, input_pos, mask, self.scale, self.softcap,
-            *self.heads)
+            x, self.norms, self.eps, self.offsets, self.weights, self.scales, self.biases, self.glu, cos, sin,
+            cache.k, cache.v, rows.start or 0, input_pos, mask, self.scale, self.softcap, *self.heads)
         if not self.checked:           # (the block's own forward writes the same cache positions, after the kernel)
             own = type(self.block).forward(self.block, x, cos, sin, mask, input_pos, cache_rows)
             self.checked, self.fits = True, torch.equal(y, own)
@@ -342,13 +348,19 @@ def decode_block(block: nn.Module) -> DecodeBlock | None:
     fast = vars(block).get("_decode_block", False)
     if fast is False:
         attn, glu = getattr(block, "attn", None), getattr(block, "mlp", None)
-        fits = isinstance(getattr(block, "attn_norm", None), GemvRMSNorm) and \
-            isinstance(getattr(block, "mlp_norm", None), GemvRMSNorm) and isinstance(glu, GemvGLU) and \
+        norms = []
+        for path in DecodeBlock.NORMS:
+            module = block
+            for name in path:
+                module = getattr(module, name, None)
+            norms.append(None if module is None or type(module) is nn.Identity else module)
+        fits = all(n is None or isinstance(n, GemvRMSNorm) for n in norms) and None not in norms[:2] and \
+            isinstance(glu, GemvGLU) and \
             all(isinstance(getattr(module, name, None), GemvLinear)
                 for module, name in ((attn, "qkv"), (attn, "o"), (glu.mlp, "gate_up"), (glu.mlp, "down"))) and \
             all(hasattr(getattr(attn, "config", None), name) for name in ("n_head", "n_kv_head", "head_dim")) and \
             rope_fits(attn)
-        fast = vars(block)["_decode_block"] = DecodeBlock(block) if fits else None
+        fast = vars(block)["_decode_block"] = DecodeBlock(block, norms) if fits else None
     return fast
 
 

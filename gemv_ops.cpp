@@ -176,31 +176,48 @@ static at::Tensor rms_norm_op(const at::Tensor &x_in, const at::Tensor &weight_i
     return y;
 }
 
-// A pre-norm decoder block (Llama, Qwen 2, Mistral, Phi-3, Gemma 1) for one token per sequence, every step above
-// called from here: x + o(attention(qkv(rms_norm(x)))), then + down(glu(gate_up(rms_norm(...)))). x (B, 1, C); the
-// norms' weights, eps and offset; each linear's weight, scale and bias as gemv's; glu as gemv's; cos, sin, the caches,
-// row0, pos, mask, scale and softcap as rope_attend's; H, K, D the heads. The same ops, in the same order, as the
-// block's own forward through gemv.py's modules: the same numbers, without ~40 calls from Python a block.
-static at::Tensor decode_block_op(
-    const at::Tensor &x, const at::Tensor &attn_norm, double attn_eps, int64_t attn_offset, const at::Tensor &qkv,
-    const std::optional<at::Tensor> &qkv_scale, const std::optional<at::Tensor> &qkv_bias, const at::Tensor &o,
-    const std::optional<at::Tensor> &o_scale, const std::optional<at::Tensor> &o_bias, const at::Tensor &mlp_norm,
-    double mlp_eps, int64_t mlp_offset, const at::Tensor &gate_up, const std::optional<at::Tensor> &gate_up_scale,
-    const std::optional<at::Tensor> &gate_up_bias, int64_t glu, const at::Tensor &down,
-    const std::optional<at::Tensor> &down_scale, const std::optional<at::Tensor> &down_bias, const at::Tensor &cos,
-    const at::Tensor &sin, at::Tensor &cache_k, at::Tensor &cache_v, int64_t row0, const at::Tensor &pos,
-    const std::optional<at::Tensor> &mask, double scale, std::optional<double> softcap, int64_t H, int64_t K,
-    int64_t D) {
+// RMSNorm i of a block's norms, or x as it is where the block has none there
+static at::Tensor norm_or_same(const at::Tensor &x, const std::vector<std::optional<at::Tensor>> &norms,
+                               at::ArrayRef<double> eps, at::ArrayRef<int64_t> offsets, size_t i) {
+    return norms[i] ? rms_norm_op(x, *norms[i], eps[i], offsets[i]) : x;
+}
+
+// A pre-norm decoder block for one token per sequence, every step of it called from here:
+//   h = x + post_attn_norm(o(attention(RoPE(q_norm(q), k_norm(k)), v)))   with q, k, v = qkv(attn_norm(x))
+//   y = h + post_mlp_norm(down(glu(gate_up(mlp_norm(h)))))
+// x (B, 1, C); norms: attn_norm, mlp_norm, q_norm, k_norm, post_attn_norm, post_mlp_norm (the last four none where
+// the block has none: Llama has none, Qwen 3 the q and k norms over each head, Gemma 2 the post norms, Gemma 3 all),
+// each with its eps and offset as rms_norm's; the four linears qkv, o, gate_up, down, each's weight, scale and bias
+// as gemv's; glu as gemv's; cos, sin, the caches, row0, pos, mask, scale and softcap as rope_attend's; H, K, D the
+// heads. The same operators in the same order as the block's forward through gemv.py's modules: the same numbers,
+// without the ~40 calls from Python a block that forward makes.
+static at::Tensor decode_block_op(const at::Tensor &x, const std::vector<std::optional<at::Tensor>> &norms,
+                                  at::ArrayRef<double> eps, at::ArrayRef<int64_t> offsets,
+                                  const std::vector<at::Tensor> &weights,
+                                  const std::vector<std::optional<at::Tensor>> &scales,
+                                  const std::vector<std::optional<at::Tensor>> &biases, int64_t glu,
+                                  const at::Tensor &cos, const at::Tensor &sin, at::Tensor &cache_k,
+                                  at::Tensor &cache_v, int64_t row0, const at::Tensor &pos,
+                                  const std::optional<at::Tensor> &mask, double scale, std::optional<double> softcap,
+                                  int64_t H, int64_t K, int64_t D) {
     TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "flatlm::decode_block: x must be (B, 1, C), got ", x.sizes());
+    TORCH_CHECK(norms.size() == 6 && eps.size() == 6 && offsets.size() == 6 && norms[0] && norms[1] &&
+                    weights.size() == 4 && scales.size() == 4 && biases.size() == 4,
+                "flatlm::decode_block: 6 norms (the first two given) with their eps and offsets, and 4 linears");
+    enum { ATTN, MLP, Q, K_, POST_ATTN, POST_MLP };
     const int64_t B = x.size(0);
-    const at::Tensor heads = gemv_op(rms_norm_op(x, attn_norm, attn_eps, attn_offset), qkv, qkv_scale, qkv_bias, 0)
+    const at::Tensor heads = gemv_op(norm_or_same(x, norms, eps, offsets, ATTN), weights[0], scales[0], biases[0], 0)
                                  .view({B, 1, H + 2 * K, D}).transpose(1, 2);                 // (B, H + 2K, 1, D)
-    const at::Tensor y = rope_attend_op(heads.narrow(1, 0, H), heads.narrow(1, H, K), heads.narrow(1, H + K, K), cos,
-                                        sin, cache_k, cache_v, row0, pos, mask, scale, softcap);
-    const at::Tensor h = at::add(x, gemv_op(y.view({B, 1, H * D}), o, o_scale, o_bias, 0));
-    const at::Tensor hidden = gemv_op(rms_norm_op(h, mlp_norm, mlp_eps, mlp_offset), gate_up, gate_up_scale,
-                                      gate_up_bias, glu);
-    return at::add(h, gemv_op(hidden, down, down_scale, down_bias, 0));
+    const at::Tensor y = rope_attend_op(norm_or_same(heads.narrow(1, 0, H), norms, eps, offsets, Q),
+                                        norm_or_same(heads.narrow(1, H, K), norms, eps, offsets, K_),
+                                        heads.narrow(1, H + K, K), cos, sin, cache_k, cache_v, row0, pos, mask, scale,
+                                        softcap);
+    const at::Tensor attended = gemv_op(y.view({B, 1, H * D}), weights[1], scales[1], biases[1], 0);
+    const at::Tensor h = at::add(x, norm_or_same(attended, norms, eps, offsets, POST_ATTN));
+    const at::Tensor hidden = gemv_op(norm_or_same(h, norms, eps, offsets, MLP), weights[2], scales[2], biases[2],
+                                      glu);
+    const at::Tensor out = gemv_op(hidden, weights[3], scales[3], biases[3], 0);
+    return at::add(h, norm_or_same(out, norms, eps, offsets, POST_MLP));
 }
 
 TORCH_LIBRARY(flatlm, m) {
@@ -209,11 +226,9 @@ TORCH_LIBRARY(flatlm, m) {
     m.def("rms_norm(Tensor x, Tensor weight, float eps, int offset) -> Tensor");
     m.def("rope_attend(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
           "int row0, Tensor pos, Tensor? mask, float scale, float? softcap) -> Tensor");
-    m.def("decode_block(Tensor x, Tensor attn_norm, float attn_eps, int attn_offset, Tensor qkv, Tensor? qkv_scale, "
-          "Tensor? qkv_bias, Tensor o, Tensor? o_scale, Tensor? o_bias, Tensor mlp_norm, float mlp_eps, "
-          "int mlp_offset, Tensor gate_up, Tensor? gate_up_scale, Tensor? gate_up_bias, int glu, Tensor down, "
-          "Tensor? down_scale, Tensor? down_bias, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
-          "int row0, Tensor pos, Tensor? mask, float scale, float? softcap, int H, int K, int D) -> Tensor");
+    m.def("decode_block(Tensor x, Tensor?[] norms, float[] eps, int[] offsets, Tensor[] weights, Tensor?[] scales, "
+          "Tensor?[] biases, int glu, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, int row0, "
+          "Tensor pos, Tensor? mask, float scale, float? softcap, int H, int K, int D) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flatlm, CPU, m) {

@@ -325,9 +325,9 @@ def test_a_fork_that_rotates_otherwise_keeps_its_own_attention(tiny_dir):
     assert (decode("forced") - own).abs().max() > 1e-2                    # (the kernel's RoPE is not the fork's)
 
 
-# which families' blocks decode as one call (DecodeBlock): those built in the Llama order; the others step aside on
-# their first call (Qwen 3's q and k norms, Gemma 2/3's extra norms) or are not built of gemv's modules (Phi-2)
-ONE_CALL = {"llama": True, "mistral": True, "phi3": True, "qwen3": False, "gemma2": False, "gemma3": False,
+# which families' blocks decode as one call (DecodeBlock): all but Phi-2's (attention and MLP side by side, from
+# one LayerNorm: not built of gemv's modules)
+ONE_CALL = {"llama": True, "mistral": True, "phi3": True, "qwen3": True, "gemma2": True, "gemma3": True,
             "phi": False}
 
 

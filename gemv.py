@@ -3,10 +3,11 @@
     import gemv
     gemv.use_for_decoding(model)    # generate.prepare_for_inference does this on a CPU
 
-gemv.c (the kernels, C) and gemv_ops.cpp (their torch operators, flatlm::gemv, attend_one, rope_attend, rms_norm)
-are compiled once per CPU, source and torch version (cc and c++ -O3 -march=native -fopenmp, against the headers torch
-ships; about 15 s) into ~/.cache/flatlm (FLATLM_CACHE elsewhere) and loaded with torch.ops.load_library. Where they
-cannot be (no compiler, a CPU without AVX2, FLATLM_GEMV=0) nothing is swapped and torch's kernels decode, as before.
+gemv.c (the kernels, C) and gemv_ops.cpp (their torch operators, flatlm::gemv, attend_one, rope_attend, rms_norm,
+and decode_block, a whole decoder block from C++) are compiled once per CPU, source and torch version (cc and c++
+-O3 -march=native -fopenmp, against the headers torch ships; about 15 s) into ~/.cache/flatlm (FLATLM_CACHE
+elsewhere) and loaded with torch.ops.load_library. Where they cannot be (no compiler, a CPU without AVX2,
+FLATLM_GEMV=0) nothing is swapped and torch's kernels decode, as before.
 """
 
 import functools

@@ -296,31 +296,34 @@ def glu_activation(mlp: nn.Module) -> int | None:
 
 class DecodeBlock:
     """A model file's decoder block for one token per sequence as one kernel call (flatlm::decode_block): its norms,
-    qkv, decode_attention, o, gated MLP and residual adds (and where the block has them, Qwen 3's and Gemma 3's q and
-    k norms, Gemma 2's and 3's norms after attention and MLP), the same kernels in the same order as the block's own
-    forward through this file's modules, without the ~40 calls from Python a block that forward makes (about 100 us
-    a block on a 2-core EPYC: a quarter of an int8 SmolLM2-135M token). What generate.explicit_attention sets as a
-    block's forward while decoding, for a block built of gemv's modules whose RoPE fits (decode_block finds them). Its
-    first call computes the block's own forward too, returns that, and keeps to the block's own forward for good if
-    the two differ in a single bit: a block that computes otherwise (a fork's edit) runs as written."""
+    qkv, decode_attention, o, MLP and residual adds (and where the block has them, Qwen 3's and Gemma 3's q and k
+    norms, Gemma 2's and 3's norms after attention and MLP, Phi-2's LayerNorm, parallel attention and MLP and ungated
+    MLP), the same kernels in the same order as the block's own forward through this file's modules, without the ~40
+    calls from Python a block that forward makes (about 100 us a block on a 2-core EPYC: a quarter of an int8
+    SmolLM2-135M token). What generate.explicit_attention sets as a block's forward while decoding, for a block built
+    of gemv's modules whose RoPE fits (decode_block finds them). Its first call computes the block's own forward too,
+    returns that, and keeps to the block's own forward for good if the two differ in a single bit: a block that
+    computes otherwise (a fork's edit) runs as written."""
 
     NORMS = (("attn_norm",), ("mlp_norm",), ("attn", "q_norm"), ("attn", "k_norm"), ("post_attn_norm",),
-             ("post_mlp_norm",))                  # flatlm::decode_block's order; the last four may be absent
+             ("post_mlp_norm",))                  # flatlm::decode_block's order; all but the first may be absent
 
-    def __init__(self, block: nn.Module, norms: list):
+    def __init__(self, block: nn.Module, norms: list, mlp: tuple):
         self.block, self.checked, self.fits = block, False, True
-        attn, glu = block.attn, block.mlp
-        self.attn, self.linears = attn, (attn.qkv, attn.o, glu.mlp.gate_up, glu.mlp.down)
-        self.norms = [None if n is None else n.weight for n in norms]
-        self.eps = [0.0 if n is None else n.eps for n in norms]
-        self.offsets = [0 if n is None else n.offset for n in norms]
+        attn = block.attn
+        self.attn, self.linears = attn, (attn.qkv, attn.o, *mlp[:2])
+        self.glu, self.parallel = mlp[2], bool(getattr(block, "parallel", False))
+        self.norms = [None if n is None else n.weight.detach() for n in norms]
+        self.norm_biases = [n.bias.detach() if isinstance(n, nn.LayerNorm) else None for n in norms]
+        self.eps = [0.0 if n is None else float(n.eps) for n in norms]
+        self.offsets = [-1 if isinstance(n, nn.LayerNorm) else 0 if n is None else n.offset for n in norms]
         self.weights = [linear.weight for linear in self.linears]
         self.scales = [linear.scale for linear in self.linears]
         self.biases = [linear.bias for linear in self.linears]
         c = attn.config
         self.heads = c.n_head, c.n_kv_head, c.head_dim
         self.scale = float(getattr(attn, "scale", c.head_dim ** -0.5))
-        self.softcap, self.glu = getattr(c, "attn_softcap", None), glu.glu
+        self.softcap = getattr(c, "attn_softcap", None)
 
     def __call__(self, x, cos, sin, mask, input_pos=None, cache_rows=None):
         B, T, _ = x.shape
@@ -332,8 +335,9 @@ class DecodeBlock:
                 cos.dtype != x.dtype:
             return type(self.block).forward(self.block, x, cos, sin, mask, input_pos, cache_rows)
         y = torch.ops.flatlm.decode_block.default(
-            x, self.norms, self.eps, self.offsets, self.weights, self.scales, self.biases, self.glu, cos, sin,
-            cache.k, cache.v, rows.start or 0, input_pos, mask, self.scale, self.softcap, *self.heads)
+            x, self.norms, self.norm_biases, self.eps, self.offsets, self.weights, self.scales, self.biases, self.glu,
+            self.parallel, cos, sin, cache.k, cache.v, rows.start or 0, input_pos, mask, self.scale, self.softcap,
+            *self.heads)
         if not self.checked:           # (the block's own forward writes the same cache positions, after the kernel)
             own = type(self.block).forward(self.block, x, cos, sin, mask, input_pos, cache_rows)
             self.checked, self.fits = True, torch.equal(y, own)
@@ -348,20 +352,25 @@ def decode_block(block: nn.Module) -> DecodeBlock | None:
     needs or whose first call differed from its own forward."""
     fast = vars(block).get("_decode_block", False)
     if fast is False:
-        attn, glu = getattr(block, "attn", None), getattr(block, "mlp", None)
+        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
         norms = []
         for path in DecodeBlock.NORMS:
             module = block
             for name in path:
                 module = getattr(module, name, None)
             norms.append(None if module is None or type(module) is nn.Identity else module)
-        fits = all(n is None or isinstance(n, GemvRMSNorm) for n in norms) and None not in norms[:2] and \
-            isinstance(glu, GemvGLU) and \
-            all(isinstance(getattr(module, name, None), GemvLinear)
-                for module, name in ((attn, "qkv"), (attn, "o"), (glu.mlp, "gate_up"), (glu.mlp, "down"))) and \
-            all(hasattr(getattr(attn, "config", None), name) for name in ("n_head", "n_kv_head", "head_dim")) and \
-            rope_fits(attn)
-        fast = vars(block)["_decode_block"] = DecodeBlock(block, norms) if fits else None
+        if isinstance(mlp, GemvGLU):                      # a gated MLP, or an ungated GELU one (Phi-2's)
+            linears = mlp.mlp.gate_up, mlp.mlp.down, mlp.glu
+        else:
+            linears = getattr(mlp, "up", None), getattr(mlp, "down", None), 0
+        fits = norms[0] is not None and all(
+            n is None or isinstance(n, GemvRMSNorm) or (type(n) is nn.LayerNorm and n.weight is not None and
+                                                        n.bias is not None and n.weight.dim() == 1) for n in norms) \
+            and all(isinstance(linear, GemvLinear) for linear in (getattr(attn, "qkv", None), getattr(attn, "o", None),
+                                                                   *linears[:2])) \
+            and all(hasattr(getattr(attn, "config", None), name) for name in ("n_head", "n_kv_head", "head_dim")) \
+            and (norms[1] is not None or getattr(block, "parallel", False)) and rope_fits(attn)
+        fast = vars(block)["_decode_block"] = DecodeBlock(block, norms, linears) if fits else None
     return fast
 
 

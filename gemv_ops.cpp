@@ -6,6 +6,8 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/layer_norm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -176,48 +178,58 @@ static at::Tensor rms_norm_op(const at::Tensor &x_in, const at::Tensor &weight_i
     return y;
 }
 
-// RMSNorm i of a block's norms, or x as it is where the block has none there
+// Norm i of a block's norms: an RMSNorm (offset 0 or 1, as rms_norm's) or a LayerNorm (offset -1, with its bias:
+// torch's own layer_norm, as nn.LayerNorm calls it), or x as it is where the block has none there
 static at::Tensor norm_or_same(const at::Tensor &x, const std::vector<std::optional<at::Tensor>> &norms,
-                               at::ArrayRef<double> eps, at::ArrayRef<int64_t> offsets, size_t i) {
-    return norms[i] ? rms_norm_op(x, *norms[i], eps[i], offsets[i]) : x;
+                               const std::vector<std::optional<at::Tensor>> &norm_biases, at::ArrayRef<double> eps,
+                               at::ArrayRef<int64_t> offsets, size_t i) {
+    if (!norms[i]) return x;
+    if (offsets[i] < 0) return at::layer_norm(x, {x.size(-1)}, norms[i], norm_biases[i], eps[i]);
+    return rms_norm_op(x, *norms[i], eps[i], offsets[i]);
 }
 
 // A pre-norm decoder block for one token per sequence, every step of it called from here:
-//   h = x + post_attn_norm(o(attention(RoPE(q_norm(q), k_norm(k)), v)))   with q, k, v = qkv(attn_norm(x))
-//   y = h + post_mlp_norm(down(glu(gate_up(mlp_norm(h)))))
-// x (B, 1, C); norms: attn_norm, mlp_norm, q_norm, k_norm, post_attn_norm, post_mlp_norm (the last four none where
-// the block has none: Llama has none, Qwen 3 the q and k norms over each head, Gemma 2 the post norms, Gemma 3 all),
-// each with its eps and offset as rms_norm's; the four linears qkv, o, gate_up, down, each's weight, scale and bias
-// as gemv's; glu as gemv's; cos, sin, the caches, row0, pos, mask, scale and softcap as rope_attend's; H, K, D the
-// heads. The same operators in the same order as the block's forward through gemv.py's modules: the same numbers,
-// without the ~40 calls from Python a block that forward makes.
+//   a = post_attn_norm(o(attention(RoPE(q_norm(q), k_norm(k)), v)))   with q, k, v = qkv(attn_norm(x))
+//   h = x + a;  y = h + post_mlp_norm(mlp(mlp_norm(h)))   or, parallel (Phi-2): y = x + a + mlp(attn_norm(x))
+// mlp: down(glu(gate_up(.))) as gemv's glu, or glu 0: down(gelu_tanh(up(.))) (Phi-2's ungated MLP).
+// x (B, 1, C); norms: attn_norm, mlp_norm, q_norm, k_norm, post_attn_norm, post_mlp_norm (none where the block has
+// none: Llama has the first two, Qwen 3 the q and k norms over each head too, Gemma 2 the post norms, Gemma 3 all,
+// Phi-2 the first only), each with its bias (LayerNorm), eps and offset (norm_or_same); the four linears qkv, o,
+// gate_up (or up), down, each's weight, scale and bias as gemv's; cos, sin, the caches, row0, pos, mask, scale and
+// softcap as rope_attend's; H, K, D the heads. The same operators in the same order as the block's forward through
+// gemv.py's modules: the same numbers, without the ~40 calls from Python a block that forward makes.
 static at::Tensor decode_block_op(const at::Tensor &x, const std::vector<std::optional<at::Tensor>> &norms,
-                                  at::ArrayRef<double> eps, at::ArrayRef<int64_t> offsets,
-                                  const std::vector<at::Tensor> &weights,
+                                  const std::vector<std::optional<at::Tensor>> &norm_biases, at::ArrayRef<double> eps,
+                                  at::ArrayRef<int64_t> offsets, const std::vector<at::Tensor> &weights,
                                   const std::vector<std::optional<at::Tensor>> &scales,
-                                  const std::vector<std::optional<at::Tensor>> &biases, int64_t glu,
+                                  const std::vector<std::optional<at::Tensor>> &biases, int64_t glu, bool parallel,
                                   const at::Tensor &cos, const at::Tensor &sin, at::Tensor &cache_k,
                                   at::Tensor &cache_v, int64_t row0, const at::Tensor &pos,
                                   const std::optional<at::Tensor> &mask, double scale, std::optional<double> softcap,
                                   int64_t H, int64_t K, int64_t D) {
     TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "flatlm::decode_block: x must be (B, 1, C), got ", x.sizes());
-    TORCH_CHECK(norms.size() == 6 && eps.size() == 6 && offsets.size() == 6 && norms[0] && norms[1] &&
-                    weights.size() == 4 && scales.size() == 4 && biases.size() == 4,
-                "flatlm::decode_block: 6 norms (the first two given) with their eps and offsets, and 4 linears");
+    TORCH_CHECK(norms.size() == 6 && norm_biases.size() == 6 && eps.size() == 6 && offsets.size() == 6 && norms[0] &&
+                    (parallel || norms[1]) && weights.size() == 4 && scales.size() == 4 && biases.size() == 4,
+                "flatlm::decode_block: 6 norms (the first, and the second unless parallel, given) with their biases, "
+                "eps and offsets, and 4 linears");
     enum { ATTN, MLP, Q, K_, POST_ATTN, POST_MLP };
+    auto norm = [&](const at::Tensor &t, size_t i) { return norm_or_same(t, norms, norm_biases, eps, offsets, i); };
+    auto mlp = [&](const at::Tensor &t) {
+        const at::Tensor hidden = glu ? gemv_op(t, weights[2], scales[2], biases[2], glu)
+                                      : at::gelu(gemv_op(t, weights[2], scales[2], biases[2], 0), "tanh");
+        return gemv_op(hidden, weights[3], scales[3], biases[3], 0);
+    };
     const int64_t B = x.size(0);
-    const at::Tensor heads = gemv_op(norm_or_same(x, norms, eps, offsets, ATTN), weights[0], scales[0], biases[0], 0)
+    const at::Tensor normed = norm(x, ATTN);
+    const at::Tensor heads = gemv_op(normed, weights[0], scales[0], biases[0], 0)
                                  .view({B, 1, H + 2 * K, D}).transpose(1, 2);                 // (B, H + 2K, 1, D)
-    const at::Tensor y = rope_attend_op(norm_or_same(heads.narrow(1, 0, H), norms, eps, offsets, Q),
-                                        norm_or_same(heads.narrow(1, H, K), norms, eps, offsets, K_),
+    const at::Tensor y = rope_attend_op(norm(heads.narrow(1, 0, H), Q), norm(heads.narrow(1, H, K), K_),
                                         heads.narrow(1, H + K, K), cos, sin, cache_k, cache_v, row0, pos, mask, scale,
                                         softcap);
-    const at::Tensor attended = gemv_op(y.view({B, 1, H * D}), weights[1], scales[1], biases[1], 0);
-    const at::Tensor h = at::add(x, norm_or_same(attended, norms, eps, offsets, POST_ATTN));
-    const at::Tensor hidden = gemv_op(norm_or_same(h, norms, eps, offsets, MLP), weights[2], scales[2], biases[2],
-                                      glu);
-    const at::Tensor out = gemv_op(hidden, weights[3], scales[3], biases[3], 0);
-    return at::add(h, norm_or_same(out, norms, eps, offsets, POST_MLP));
+    const at::Tensor h = at::add(x, norm(gemv_op(y.view({B, 1, H * D}), weights[1], scales[1], biases[1], 0),
+                                         POST_ATTN));
+    if (parallel) return at::add(h, mlp(normed));
+    return at::add(h, norm(mlp(norm(h, MLP)), POST_MLP));
 }
 
 TORCH_LIBRARY(flatlm, m) {
@@ -226,9 +238,10 @@ TORCH_LIBRARY(flatlm, m) {
     m.def("rms_norm(Tensor x, Tensor weight, float eps, int offset) -> Tensor");
     m.def("rope_attend(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, "
           "int row0, Tensor pos, Tensor? mask, float scale, float? softcap) -> Tensor");
-    m.def("decode_block(Tensor x, Tensor?[] norms, float[] eps, int[] offsets, Tensor[] weights, Tensor?[] scales, "
-          "Tensor?[] biases, int glu, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, int row0, "
-          "Tensor pos, Tensor? mask, float scale, float? softcap, int H, int K, int D) -> Tensor");
+    m.def("decode_block(Tensor x, Tensor?[] norms, Tensor?[] norm_biases, float[] eps, int[] offsets, "
+          "Tensor[] weights, Tensor?[] scales, Tensor?[] biases, int glu, bool parallel, Tensor cos, Tensor sin, "
+          "Tensor(a!) cache_k, Tensor(b!) cache_v, int row0, Tensor pos, Tensor? mask, float scale, float? softcap, "
+          "int H, int K, int D) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flatlm, CPU, m) {

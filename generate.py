@@ -145,8 +145,8 @@ class CompiledBlocks:
     into a few C++ loops; the matmuls and one-query attention stay the eager kernels, called as operators (gemv.c's,
     PackedLinear's, the int8 and int4 ones). Prefill, and speculative decoding's verification, run eagerly: a graph per
     prompt length would cost more than it saves. It stays opt-in (--compile), for long generations and chat sessions,
-    and compiles only the blocks that do not decode as one kernel call (gemv.DecodeBlock: Phi-2's parallel block, a
-    fork's edited one, or every block where gemv.c is unavailable).
+    and compiles only the blocks that do not decode as one kernel call (gemv.DecodeBlock: a fork's edited block, or
+    every block where gemv.c is unavailable).
 
     A graph is compiled ahead of time (aot_compile) and checked against a block once, by dynamo's guards, the first
     time that block runs with arguments of new shapes (a new cache length, batch, thread count); from then on it runs
@@ -1224,7 +1224,7 @@ def main(argv=None):
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: on a GPU the whole step, as a CUDA graph; on a CPU each block "
-                   "that gemv.c does not run as one call (Phi-2's, an edited one; seconds to compile: worth it for "
+                   "that gemv.c does not run as one call (a fork's edited one; seconds to compile: worth it for "
                    "long generations)")
     p.add_argument("--draft", metavar="DIR", help="speculative decoding: a smaller checkpoint with the same "
                    "tokenizer guesses --speculate_k tokens, the model checks them in one pass")

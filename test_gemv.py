@@ -325,13 +325,7 @@ def test_a_fork_that_rotates_otherwise_keeps_its_own_attention(tiny_dir):
     assert (decode("forced") - own).abs().max() > 1e-2                    # (the kernel's RoPE is not the fork's)
 
 
-# which families' blocks decode as one call (DecodeBlock): all but Phi-2's (attention and MLP side by side, from
-# one LayerNorm: not built of gemv's modules)
-ONE_CALL = {"llama": True, "mistral": True, "phi3": True, "qwen3": True, "gemma2": True, "gemma3": True,
-            "phi": False}
-
-
-@pytest.mark.parametrize("family", list(ONE_CALL))
+@pytest.mark.parametrize("family", ["llama", "mistral", "phi3", "qwen3", "gemma2", "gemma3", "phi"])
 def test_decode_block_gives_the_blocks_own_bits(family, tmp_path):
     # Decoding with each block as one call against the same model decoding through its blocks' own forward (with
     # gemv's modules and decode_attention in both): the same logits and KV caches bit for bit, in fp32, bf16 and
@@ -373,7 +367,7 @@ def test_decode_block_gives_the_blocks_own_bits(family, tmp_path):
         (ours, our_caches, kept), (theirs, their_caches, _) = results
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), (dtype, quantize)
         assert all(torch.equal(a, b) for a, b in zip(our_caches, their_caches)), (dtype, quantize)
-        assert kept == [ONE_CALL[family]] * len(kept), (dtype, quantize)
+        assert all(kept), (dtype, quantize)                                  # every family's blocks keep it
 
 
 def test_a_block_edited_otherwise_keeps_its_own_forward(tiny_dir):

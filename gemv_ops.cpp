@@ -83,6 +83,16 @@ static at::Tensor gemv_op(const at::Tensor &x_in, const at::Tensor &weight, cons
     return y;
 }
 
+// An additive attention mask for B sequences over S positions, as the kernels read it: fp32 (1, S), one row for all
+// (zeros where there is none), or (B, S), one each
+static at::Tensor mask_rows(const std::optional<at::Tensor> &mask_in, int64_t B, int64_t S, const char *op) {
+    const at::Tensor mask = mask_in ? mask_in->to(at::kFloat).reshape({-1, S}).contiguous()
+                                    : at::zeros({1, S}, at::TensorOptions().dtype(at::kFloat));
+    TORCH_CHECK(mask.size(0) == 1 || mask.size(0) == B, "flatlm::", op, ": mask ", mask.sizes(),
+                " is not one row per sequence");
+    return mask;
+}
+
 // A model file's attention for one query per sequence: q (B, H, 1, D); k, v (B, K, S, D) in q's dtype (the KV cache's
 // rows); mask additive, broadcasting to (B, 1, 1, S), or none (S == 1) -> (B, H, 1, D). Computed in fp32.
 static at::Tensor attend_one_op(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
@@ -98,10 +108,7 @@ static at::Tensor attend_one_op(const at::Tensor &q_in, const at::Tensor &k_in, 
     TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D && H % K == 0, "flatlm::attend_one: q ", q_in.sizes(),
                 " does not match k ", k_in.sizes());
     const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();   // (cache rows are)
-    const at::Tensor mask = mask_in ? mask_in->to(at::kFloat).reshape({-1, S}).contiguous()     // (1, S) or (B, S)
-                                    : at::zeros({1, S}, q.options().dtype(at::kFloat));
-    TORCH_CHECK(mask.size(0) == 1 || mask.size(0) == B, "flatlm::attend_one: mask ", mask_in->sizes(),
-                " is not one row per sequence");
+    const at::Tensor mask = mask_rows(mask_in, B, S, "attend_one");
     at::Tensor y = at::empty_like(q);
     attend_one(q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), mask.const_data_ptr<float>(),
                mask.size(0) > 1, y.data_ptr(), B, H, K, S, D, static_cast<float>(scale),
@@ -146,9 +153,7 @@ static at::Tensor rope_attend_op(const at::Tensor &q, const at::Tensor &k, const
     const int64_t *p = pos.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < pos.size(0); i++)
         TORCH_CHECK(p[i] >= 0 && p[i] < S, "flatlm::rope_attend: position ", p[i], " is outside the cache's ", S);
-    const at::Tensor mask = mask_in ? mask_in->to(at::kFloat).reshape({-1, S}).contiguous()
-                                    : at::zeros({1, S}, q.options().dtype(at::kFloat));
-    TORCH_CHECK(mask.size(0) == 1 || mask.size(0) == B, "flatlm::rope_attend: mask is not one row per sequence");
+    const at::Tensor mask = mask_rows(mask_in, B, S, "rope_attend");
     at::Tensor y = at::empty({B, H, 1, D}, q.options());
     const int64_t qs[2] = {q.stride(0), q.stride(1)}, ks[2] = {k.stride(0), k.stride(1)}, vs[2] = {v.stride(0),
                                                                                                   v.stride(1)};

@@ -293,9 +293,9 @@ def test_a_fork_that_rotates_otherwise_keeps_its_own_attention(tiny_dir):
 
     def interleaved(x, cos, sin):
         pairs = x.unflatten(-1, (-1, 2))                                      # (x0, x1), (x2, x3), ...
-        c, s = cos[..., : x.size(-1) // 2, None], sin[..., x.size(-1) // 2:, None]
-        return torch.stack([pairs[..., 0] * c[..., 0] - pairs[..., 1] * s[..., 0],
-                            pairs[..., 1] * c[..., 0] + pairs[..., 0] * s[..., 0]], dim=-1).flatten(-2)
+        c, s = cos[..., : x.size(-1) // 2], sin[..., x.size(-1) // 2:]          # a cos and a sin per pair
+        return torch.stack([pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 1] * c + pairs[..., 0] * s],
+                           dim=-1).flatten(-2)
 
     class Fork(llama.Attention):
         def heads(self, x, cos, sin):
